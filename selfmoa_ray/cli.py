@@ -1,0 +1,111 @@
+"""The ``selfmoa`` console script. Thin: parse arguments, load the config, call the library.
+
+    selfmoa config show --config demo train.beta=0.2   # the resolved config as YAML
+    selfmoa models prepare packaged:smollm2-135m-instruct
+    selfmoa prompts list                               # packaged prompt sources and their counts
+    selfmoa audit --config demo                        # held-out safety / over-refusal of the policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from selfmoa_ray.config import Config, ConfigError, list_presets, load_config
+from selfmoa_ray.rundir import RunDir, RunDirError, default_run_root
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="demo", help=f"preset ({', '.join(list_presets())}) or YAML path"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.beta=0.2")
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument("--output-dir", help="run folder (default: run.output_dir/run.name)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in that folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfmoa", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="show presets and resolved configs")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    _config_args(config_sub.add_parser("show", help="print the resolved config as YAML"))
+    config_sub.add_parser("presets", help="list the shipped presets")
+
+    models = sub.add_parser("models", help="resolve and cache models")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    prepare = models_sub.add_parser("prepare", help="convert/cache a model and print its folder")
+    prepare.add_argument("spec", help="packaged:smollm2-135m-instruct, tiny-random, folder or hub id")
+
+    prompts = sub.add_parser("prompts", help="inspect prompt sources")
+    prompts_sub = prompts.add_subparsers(dest="action", required=True)
+    prompts_sub.add_parser("list", help="packaged sources with counts and categories")
+
+    _run_args(sub.add_parser("audit", help="evaluate the configured policy on the held-out sets"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, RunDirError, ValueError, FileNotFoundError) as err:
+        print(f"selfmoa: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        if args.action == "presets":
+            print("\n".join(list_presets()))
+        else:
+            print(load_config(args.config, args.overrides).to_yaml(), end="")
+        return 0
+    if args.command == "models":
+        from selfmoa_ray.sources.models import resolve_model
+
+        print(resolve_model(args.spec).path)
+        return 0
+    if args.command == "prompts":
+        return _list_prompts()
+    if args.command == "audit":
+        config = load_config(args.config, args.overrides)
+        return _audit(config, Path(args.output_dir) if args.output_dir else None, args.resume)
+    raise AssertionError(args.command)
+
+
+def _list_prompts() -> int:
+    from collections import Counter
+
+    from selfmoa_ray.sources.prompts import SOURCES, load_source
+
+    for name, spec in SOURCES.items():
+        rows = load_source(name)
+        categories = Counter(r.category for r in rows)
+        print(f"{name:<14} {len(rows):>5} prompts  split={rows[0].split:<13} {spec.description}")
+        print(f"{'':<14} {len(categories)} categories: {', '.join(sorted(categories))[:110]}")
+    return 0
+
+
+def _audit(config: Config, root: Path | None, resume: bool) -> int:
+    from selfmoa_ray.ray_runtime import init_ray
+    from selfmoa_ray.report.tables import print_metrics
+    from selfmoa_ray.stages.evaluate import evaluate_policy
+
+    run = RunDir.create(root or default_run_root(config), config, resume=resume)
+    init_ray(config.ray)
+    summary = evaluate_policy(run, config, config.policy, name="baseline")["summary"]
+    print_metrics({"baseline": summary["splits"]})
+    print(f"\nrun folder: {run.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Typed run configuration: YAML presets validated by pydantic, with dotted command-line overrides.
+
+Every number of the method (design.md section 2) is a default here, never a constant in code. A
+config is built in three steps, each of which can fail with a :class:`ConfigError` that names the
+offending key before any work starts:
+
+1. a preset shipped in ``selfmoa_ray/presets/`` (``tiny``, ``demo``, ``cluster-gpu``) or a YAML path;
+2. dotted overrides such as ``train.beta=0.2`` or ``judge.evaluators.0.kind=probe`` (values parsed
+   as YAML, so ``true``, ``3`` and ``[a, b]`` mean what they look like);
+3. validation against the models below (unknown keys are errors, not silently ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_PACKAGE = "selfmoa_ray.presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every bad key and what is allowed."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = "selfmoa"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+class RaySection(Section):
+    # None starts an embedded local Ray; "auto" or "ray://host:port" joins a cluster.
+    address: str | None = None
+    # Logical CPUs for an embedded Ray. Above the physical count lets Train workers, Data actors and
+    # Serve replicas with fractional CPUs share a 2-core machine without deadlocking (design.md 5.1).
+    num_cpus: float | None = None
+    include_dashboard: bool = False
+
+
+class ModelSection(Section):
+    # "packaged:smollm2-135m-instruct", "tiny-random", "tiny-random:seed=N", a local folder or a hub id.
+    source: str = "packaged:smollm2-135m-instruct"
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class EngineSection(Section):
+    """How generation is run: which backend and how its Ray Data actor pool is sized."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(8, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    max_model_len: int = Field(2048, ge=64)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class SamplingSection(Section):
+    """Policy sampling (design.md 2.1 step 2: k answers per prompt)."""
+
+    n: int = Field(4, ge=1, description="k responses per prompt")
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class DataSection(Section):
+    """Which prompt sources feed which role. Evaluation sets are never trained on."""
+
+    seeds: list[str] = ["advbench", "airt", "donotanswer"]
+    eval_harmful: list[str] = ["harmbench"]
+    eval_benign: list[str] = ["overrefusal"]
+    max_eval_prompts: int | None = Field(None, ge=1, description="per eval set; None = all")
+
+    @model_validator(mode="after")
+    def _no_eval_in_training(self) -> DataSection:
+        leaked = set(self.seeds) & (set(self.eval_harmful) | set(self.eval_benign))
+        if leaked:
+            raise ValueError(f"evaluation sets must not be used as seeds: {sorted(leaked)}")
+        return self
+
+
+class DedupSection(Section):
+    unit: Literal["char", "word"] = "char"
+    ngram: int = Field(5, ge=1)
+    threshold: float = Field(
+        0.7, gt=0, le=1, description="Jaccard at or above which texts are duplicates"
+    )
+
+
+class RedteamSection(Section):
+    """Targeted attack generation (design.md 2.1 step 1)."""
+
+    generator: ModelSection | None = None  # None: the current policy writes its own attacks
+    num_prompts: int = Field(1000, ge=1)
+    benign_fraction: float = Field(0.25, ge=0, le=0.5)
+    jailbreak_fraction: float = Field(0.3, ge=0, le=1)
+    category_floor: float = Field(0.05, ge=0, le=1, description="minimum budget share per category")
+    few_shot: int = Field(3, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    dedup: DedupSection = DedupSection()
+
+
+EvaluatorKind = Literal["refusal", "probe", "llama_guard", "reward_model", "rubric"]
+_MODEL_BACKED: frozenset[str] = frozenset({"llama_guard", "reward_model", "rubric"})
+
+
+class EvaluatorSection(Section):
+    kind: EvaluatorKind
+    model: str | None = None
+    weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _model_when_needed(self) -> EvaluatorSection:
+        if self.kind in _MODEL_BACKED and not self.model:
+            raise ValueError(f"evaluator kind {self.kind!r} needs a 'model'")
+        return self
+
+
+class JudgeSection(Section):
+    """Weak-supervision evaluators combined into safety, refusal and helpfulness (2.1 step 3)."""
+
+    evaluators: list[EvaluatorSection] = [
+        EvaluatorSection(kind="refusal"),
+        EvaluatorSection(kind="probe"),
+    ]
+    unsafe_threshold: float = Field(0.5, ge=0, le=1, description="safety below this is unsafe")
+    batch_size: int = Field(32, ge=1)
+
+
+class PairsSection(Section):
+    """Preference pair construction (2.1 step 5)."""
+
+    mode: Literal["margin", "scalarised"] = "margin"
+    min_gap: float = Field(
+        0.1, ge=0, description="minimum helpfulness (or score) gap to keep a pair"
+    )
+    w_safety: float = Field(0.5, ge=0, description="scalarised mode: weight of safety")
+    w_helpful: float = Field(0.5, ge=0, description="scalarised mode: weight of helpfulness")
+
+
+class LoraSection(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainSection(Section):
+    """Multi-objective preference optimisation on Ray Train (2.1 step 6, 2.2 step 5)."""
+
+    loss: Literal["dpo", "ipo", "modpo", "scalarised_dpo", "pt_align"] = "modpo"
+    beta: float = Field(0.1, gt=0)
+    w_s: float = Field(0.5, ge=0, description="MODPO safety-margin weight; 0 gives plain DPO")
+    w_h: float = Field(0.5, gt=0, description="MODPO helpfulness weight")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0, description="optional SFT term on chosen responses")
+    unlikelihood_alpha: float = Field(
+        1.0, ge=0, description="PT-ALIGN weight of the unlikelihood term"
+    )
+    reference: Literal["previous", "initial"] = "previous"
+    learning_rate: float = Field(5e-6, gt=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, description="per worker")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16)
+    lora: LoraSection = LoraSection()
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2, 3] = 2
+    cpu_offload: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class EvaluateSection(Section):
+    """Held-out evaluation of each policy (2.3): greedy by default so numbers are comparable."""
+
+    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class LoopSection(Section):
+    iterations: int = Field(3, ge=1)
+    min_gain: float = Field(0.0, description="stop when held-out safety gains less than this")
+
+
+class TrackingSection(Section):
+    backend: Literal["none", "mlflow", "tensorboard"] = "none"
+    uri: str | None = None
+
+
+class Config(Section):
+    """One run of selfmoa-ray. Sections mirror the stages of design.md section 3."""
+
+    run: RunSection = RunSection()
+    ray: RaySection = RaySection()
+    policy: ModelSection = ModelSection()
+    engine: EngineSection = EngineSection()
+    sampling: SamplingSection = SamplingSection()
+    data: DataSection = DataSection()
+    redteam: RedteamSection = RedteamSection()
+    judge: JudgeSection = JudgeSection()
+    pairs: PairsSection = PairsSection()
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    loop: LoopSection = LoopSection()
+    tracking: TrackingSection = TrackingSection()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the resolved config, recorded in the run manifest."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def list_presets() -> list[str]:
+    files = resources.files(PRESETS_PACKAGE).iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str | Path) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        origin = str(path)
+    elif str(name_or_path) in list_presets():
+        text = resources.files(PRESETS_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text()
+        origin = f"preset {name_or_path!r}"
+    else:
+        raise ConfigError(
+            f"unknown config {str(name_or_path)!r}: not a file, and not a preset "
+            f"(presets: {', '.join(list_presets())})"
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides in place; list items are addressed by index (``a.0.b``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+        *parents, leaf = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parents):
+            node = _child(node, part, key.strip(), create=not isinstance(node, list))
+            if node is None:
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not set")
+        _set(node, leaf, value, key.strip())
+    return data
+
+
+def _child(node: Any, part: str, key: str, *, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {key!r}: {part!r} is inside a value that is not a section")
+    if create and not isinstance(node.get(part), (dict, list)):
+        node[part] = {}
+    return node[part]
+
+
+def _set(node: Any, leaf: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, leaf, key)] = value
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise ConfigError(f"override {key!r}: cannot set {leaf!r} inside a plain value")
+
+
+def _index(items: list[Any], part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {len(items)}")
+    return int(part)
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file, apply dotted overrides, and validate; raise ConfigError."""
+    data = _read_yaml(name_or_path)
+    config = _validate(data, str(name_or_path))
+    if not overrides:
+        return config
+    # Overrides go onto the fully materialised config, so they can reach into defaults too.
+    data = apply_overrides(config.to_dict(), list(overrides))
+    return _validate(data, f"{name_or_path} with overrides {' '.join(overrides)}")
+
+
+def _validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            lines.append(f"  - {key}: unknown key; allowed here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  - {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    """Field names of the section at ``loc``, walking nested models and lists of models."""
+    model: Any = Config
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if _is_model(model) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    return sorted(model.model_fields) if _is_model(model) else []
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _model_in(annotation: Any) -> Any:
+    if _is_model(annotation):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

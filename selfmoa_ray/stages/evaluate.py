@@ -1,0 +1,56 @@
+"""Stage ``evaluate``: a policy answers the held-out harmful and benign sets; we score and summarise.
+
+Greedy decoding by default, so two policies are compared on the same footing. Evaluation sets come
+from ``data.eval_harmful`` / ``data.eval_benign`` and are never used for training (config.py checks).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+
+from selfmoa_ray.config import Config, DataSection, ModelSection
+from selfmoa_ray.engines.base import SamplingParams
+from selfmoa_ray.engines.pool import generate
+from selfmoa_ray.evaluators.refusal import RefusalMatcher
+from selfmoa_ray.report.metrics import summarize
+from selfmoa_ray.rundir import RunDir, write_json, write_parquet
+from selfmoa_ray.sources.prompts import PromptRow, load_prompts
+
+
+def held_out_prompts(data: DataSection, seed: int) -> list[PromptRow]:
+    """The evaluation prompts, each set capped at ``max_eval_prompts`` by a seeded sample."""
+    rows: list[PromptRow] = []
+    for spec in [*data.eval_harmful, *data.eval_benign]:
+        items = load_prompts(spec)
+        if data.max_eval_prompts and len(items) > data.max_eval_prompts:
+            items = random.Random(seed).sample(items, data.max_eval_prompts)
+        rows.extend(items)
+    return rows
+
+
+def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str) -> dict[str, Any]:
+    """Run (or skip, if done) the evaluation of ``model``; outputs go under ``<name>/``."""
+    responses, metrics = f"{name}/eval_responses.parquet", f"{name}/metrics.json"
+
+    def work() -> dict[str, Any]:
+        prompts = held_out_prompts(config.data, config.run.seed)
+        sampling = SamplingParams(
+            n=1,
+            temperature=config.evaluate.temperature,
+            max_new_tokens=config.evaluate.max_new_tokens,
+            seed=config.run.seed,
+        )
+        ds = ray.data.from_items([p.to_dict() for p in prompts])
+        ds = generate(ds, model, config.engine, sampling)
+        ds = ds.map_batches(RefusalMatcher, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+        rows = sorted(ds.take_all(), key=lambda r: (r["id"], r["sample_index"]))
+        write_parquet(run.path(responses), pa.Table.from_pylist(rows))
+        summary = {"model": model.source, "splits": summarize(rows)}
+        write_json(run.path(metrics), summary)
+        return summary
+
+    return run.run_stage(f"{name}/evaluate", [responses, metrics], work)

@@ -1,0 +1,24 @@
+"""Shared fixtures: one real local Ray per session, bound to loopback, and an offline hub."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real embedded Ray on 127.0.0.1 with logical CPUs above the 2 physical ones (design 5.1)."""
+    import ray
+
+    from selfmoa_ray.config import RaySection
+    from selfmoa_ray.ray_runtime import init_ray
+
+    init_ray(RaySection(num_cpus=4), _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()

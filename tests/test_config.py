@@ -1,0 +1,97 @@
+import pytest
+
+from selfmoa_ray.config import Config, ConfigError, apply_overrides, list_presets, load_config
+
+
+def test_presets_are_shipped():
+    assert set(list_presets()) >= {"tiny", "demo", "cluster-gpu"}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "cluster-gpu"])
+def test_every_preset_validates(preset):
+    config = load_config(preset)
+    assert isinstance(config, Config)
+    assert config.run.name == preset
+    # Round trip: what we record in the manifest loads back into the same config.
+    assert Config.model_validate(config.to_dict()).fingerprint() == config.fingerprint()
+
+
+def test_presets_pick_the_intended_models_and_engines():
+    assert load_config("tiny").policy.source == "tiny-random"
+    assert load_config("demo").policy.source == "packaged:smollm2-135m-instruct"
+    gpu = load_config("cluster-gpu")
+    assert gpu.engine.backend == "vllm" and gpu.train.strategy == "deepspeed"
+    kinds = {e.kind for e in gpu.judge.evaluators}
+    assert {"llama_guard", "reward_model"} <= kinds
+
+
+def test_dotted_overrides_parse_yaml_values():
+    config = load_config(
+        "tiny",
+        ["train.beta=0.2", "train.lora.enabled=true", "data.eval_benign=[overrefusal]",
+         "judge.evaluators.0.kind=probe", "redteam.generator.source=tiny-random:seed=3"],
+    )  # fmt: skip
+    assert config.train.beta == 0.2
+    assert config.train.lora.enabled is True
+    assert config.judge.evaluators[0].kind == "probe"
+    assert config.redteam.generator is not None
+    assert config.redteam.generator.source == "tiny-random:seed=3"
+
+
+def test_unknown_key_names_the_key_and_what_is_allowed():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["train.bta=0.2"])
+    message = str(err.value)
+    assert "train.bta" in message and "unknown key" in message
+    assert "beta" in message and "learning_rate" in message
+
+
+def test_unknown_section_lists_sections():
+    with pytest.raises(ConfigError, match=r"trian: unknown key; allowed here: .*train"):
+        load_config("tiny", ["trian.beta=1"])
+
+
+def test_wrong_value_names_the_key_and_the_choices():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["engine.backend=tpu"])
+    assert "engine.backend" in str(err.value) and "'hf' or 'vllm'" in str(err.value)
+    with pytest.raises(ConfigError, match=r"train\.beta"):
+        load_config("tiny", ["train.beta=-1"])
+    with pytest.raises(ConfigError, match=r"sampling\.n"):
+        load_config("tiny", ["sampling.n=zero"])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="evaluation sets must not be used as seeds"):
+        load_config("tiny", ["data.seeds=[advbench, harmbench]"])
+    with pytest.raises(ConfigError, match="needs a 'model'"):
+        load_config("tiny", ["judge.evaluators.0.kind=llama_guard"])
+
+
+def test_bad_yaml_files_fail_before_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("policy:\n  sourc: tiny-random\n")
+    with pytest.raises(ConfigError, match=r"policy\.sourc: unknown key; allowed here: .*source"):
+        load_config(typo)
+    with pytest.raises(ConfigError, match="presets: "):
+        load_config("no-such-preset")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_malformed_overrides():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.beta"])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config("tiny", ["judge.evaluators.7.kind=probe"])
+
+
+def test_user_yaml_file_loads(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("run:\n  name: mine\npolicy:\n  source: tiny-random\ntrain:\n  beta: 0.3\n")
+    config = load_config(path, ["loop.iterations=1"])
+    assert (config.run.name, config.train.beta, config.loop.iterations) == ("mine", 0.3, 1)
