@@ -1,9 +1,9 @@
 """The ``selfmoa`` console script. Thin: parse arguments, load the config, call the library.
 
-    selfmoa config show --config demo train.beta=0.2   # the resolved config as YAML
-    selfmoa models prepare packaged:smollm2-135m-instruct
-    selfmoa prompts list                               # packaged prompt sources and their counts
-    selfmoa audit --config demo                        # held-out safety / over-refusal of the policy
+selfmoa config show --config demo train.beta=0.2   # the resolved config as YAML
+selfmoa models prepare packaged:smollm2-135m-instruct
+selfmoa prompts list                               # packaged prompt sources and their counts
+selfmoa audit --config demo                        # held-out safety / over-refusal of the policy
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="resolve and cache models")
     models_sub = models.add_subparsers(dest="action", required=True)
     prepare = models_sub.add_parser("prepare", help="convert/cache a model and print its folder")
-    prepare.add_argument("spec", help="packaged:smollm2-135m-instruct, tiny-random, folder or hub id")
+    prepare.add_argument(
+        "spec", help="packaged:smollm2-135m-instruct, tiny-random, folder or hub id"
+    )
 
     prompts = sub.add_parser("prompts", help="inspect prompt sources")
     prompts_sub = prompts.add_subparsers(dest="action", required=True)
@@ -95,14 +97,18 @@ def _list_prompts() -> int:
 
 
 def _audit(config: Config, root: Path | None, resume: bool) -> int:
+    import pyarrow.parquet as pq
+
     from selfmoa_ray.ray_runtime import init_ray
-    from selfmoa_ray.report.tables import print_metrics
+    from selfmoa_ray.report.tables import print_examples, print_metrics
     from selfmoa_ray.stages.evaluate import evaluate_policy
 
     run = RunDir.create(root or default_run_root(config), config, resume=resume)
     init_ray(config.ray)
     summary = evaluate_policy(run, config, config.policy, name="baseline")["summary"]
     print_metrics({"baseline": summary["splits"]})
+    rows = pq.read_table(run.path("baseline/eval_responses.parquet")).to_pylist()
+    print_examples(rows, "eval_harmful")
     print(f"\nrun folder: {run.root}")
     return 0
 

@@ -246,7 +246,8 @@ def list_presets() -> list[str]:
 
 def _read_yaml(name_or_path: str | Path) -> dict[str, Any]:
     path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    # A YAML file wins; a preset name wins over a same-named folder (e.g. the run folder "demo").
+    if path.suffix in {".yaml", ".yml"} or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         text = path.read_text()

@@ -95,3 +95,9 @@ def test_user_yaml_file_loads(tmp_path):
     path.write_text("run:\n  name: mine\npolicy:\n  source: tiny-random\ntrain:\n  beta: 0.3\n")
     config = load_config(path, ["loop.iterations=1"])
     assert (config.run.name, config.train.beta, config.loop.iterations) == ("mine", 0.3, 1)
+
+
+def test_preset_name_is_not_shadowed_by_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()  # e.g. the demo's own run folder
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo").run.name == "demo"

@@ -64,6 +64,8 @@ class HFChatEngine:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self.device)
         torch.manual_seed(p.seed)
+        # Greedy samples are all identical: decode once, then repeat the result n times.
+        per_prompt = 1 if p.greedy else p.n
         generated = self.model.generate(
             **enc,
             max_new_tokens=p.max_new_tokens,
@@ -71,7 +73,7 @@ class HFChatEngine:
             temperature=p.temperature if not p.greedy else None,
             top_p=p.top_p if not p.greedy else None,
             top_k=None,
-            num_return_sequences=p.n,
+            num_return_sequences=per_prompt,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         new_tokens = generated[:, enc["input_ids"].shape[1] :].cpu()
@@ -81,7 +83,7 @@ class HFChatEngine:
         for i in range(len(prompts)):
             samples = []
             for j in range(p.n):
-                ids = new_tokens[i * p.n + j].tolist()
+                ids = new_tokens[i * per_prompt + j % per_prompt].tolist()
                 stopped = eos in ids
                 ids = ids[: ids.index(eos)] if stopped else ids
                 ids = [t for t in ids if t != self.tokenizer.pad_token_id]

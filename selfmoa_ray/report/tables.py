@@ -16,3 +16,14 @@ def print_metrics(policies: dict[str, dict[str, Any]]) -> None:
                 f"{policy:<12} {split:<14} {m['responses']:>9} "
                 f"{m['refusal_rate']:>12.1%} {m['response_tokens']:>8}"
             )
+
+
+def print_examples(
+    rows: list[dict[str, Any]], split: str, count: int = 2, width: int = 160
+) -> None:
+    """A few prompts of ``split`` with their responses, shortened to one line each."""
+    picked = [r for r in rows if r["split"] == split][:count]
+    for row in picked:
+        response = " ".join(str(row["response"]).split())
+        print(f"\n[{split}] {row['text'][:width]}")
+        print(f"  -> {response[:width]}{'...' if len(response) > width else ''}")

@@ -46,7 +46,9 @@ def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str)
         )
         ds = ray.data.from_items([p.to_dict() for p in prompts])
         ds = generate(ds, model, config.engine, sampling)
-        ds = ds.map_batches(RefusalMatcher, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+        ds = ds.map_batches(
+            RefusalMatcher, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1
+        )
         rows = sorted(ds.take_all(), key=lambda r: (r["id"], r["sample_index"]))
         write_parquet(run.path(responses), pa.Table.from_pylist(rows))
         summary = {"model": model.source, "splits": summarize(rows)}

@@ -9,7 +9,10 @@ from selfmoa_ray.engines.base import OUTPUT_COLUMNS, SamplingParams
 from selfmoa_ray.engines.hf import HFChatEngine
 from selfmoa_ray.engines.pool import generate
 
-PROMPTS = {"id": np.array(["p1", "p2", "p3"]), "text": np.array(["Hi there", "2+2?", "Tell a joke"])}
+PROMPTS = {
+    "id": np.array(["p1", "p2", "p3"]),
+    "text": np.array(["Hi there", "2+2?", "Tell a joke"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,11 @@ def test_n_samples_per_prompt_and_schema(engine):
 
 def test_max_new_tokens_is_respected(engine):
     out = engine(dict(PROMPTS))
-    lengths = [len(engine.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in out["response"]]
-    assert max(lengths) <= 5 + 1  # decoding then re-encoding may split one token
+    for tokens, reason in zip(out["response_tokens"], out["finish_reason"], strict=True):
+        assert tokens <= 5
+        assert reason == "stop" or tokens == 5  # "length" means the budget was used up
+    longer = HFChatEngine("tiny-random", SamplingParams(n=3, temperature=1.0, max_new_tokens=12))
+    assert sum(longer(dict(PROMPTS))["response_tokens"]) > sum(out["response_tokens"])
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(engine):
@@ -45,7 +51,9 @@ def test_chat_template_is_applied(engine):
     text = engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi there"}], add_generation_prompt=True, tokenize=False
     )
-    assert "<|im_start|>user\nHi there<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nHi there<|im_end|>" in text and text.endswith(
+        "<|im_start|>assistant\n"
+    )
     out = engine(dict(PROMPTS))
     prompt_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
     assert out["prompt_tokens"][0] == prompt_tokens
@@ -53,12 +61,20 @@ def test_chat_template_is_applied(engine):
 
 def test_messages_column_overrides_text(engine):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-    batch = {"id": np.array(["m"]), "text": np.array([""]), "messages": np.array([chat], dtype=object)}
+    batch = {
+        "id": np.array(["m"]),
+        "text": np.array([""]),
+        "messages": np.array([chat], dtype=object),
+    }
     out = engine(batch)
     system = "<|im_start|>system\nBe brief.<|im_end|>"
-    templated = engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    templated = engine.tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=False
+    )
     assert system in templated
-    assert out["prompt_tokens"][0] == len(engine.tokenizer(templated, add_special_tokens=False)["input_ids"])
+    assert out["prompt_tokens"][0] == len(
+        engine.tokenizer(templated, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_actor_pool_streams_rows(ray_local):
