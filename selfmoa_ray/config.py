@@ -141,6 +141,9 @@ class JudgeSection(Section):
     ]
     unsafe_threshold: float = Field(0.5, ge=0, le=1, description="safety below this is unsafe")
     batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(0.5, ge=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
 
 
 class PairsSection(Section):

@@ -26,7 +26,7 @@ def test_audit_job_on_the_real_small_model(tmp_path):
     ]  # fmt: skip
     first = _run(args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "eval_harmful" in first.stdout and "refusal rate" in first.stdout
+    assert "eval_harmful" in first.stdout and "refusal(str)" in first.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["policy"]["source"] == "packaged:smollm2-135m-instruct"
     assert manifest["stages"]["baseline/evaluate"]["status"] == "done"

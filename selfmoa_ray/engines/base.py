@@ -8,8 +8,11 @@ Rows in: ``id`` (prompt id) and ``text`` (a user turn) or ``messages`` (a chat, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 OUTPUT_COLUMNS = ("sample_index", "response", "prompt_tokens", "response_tokens", "finish_reason")
 
@@ -27,9 +30,69 @@ class SamplingParams:
         return self.temperature <= 0
 
 
+class MalformedRowError(ValueError):
+    """A prompt row that the engine contract cannot turn into a chat."""
+
+
+def _missing(value: Any) -> bool:
+    """None, or the NaN that pandas writes for a missing value."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _id_of(row: dict[str, Any]) -> str:
+    value = row.get("id")
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def chat_of(row: dict[str, Any]) -> list[dict[str, str]]:
-    """The chat for a row: its ``messages`` if present, else one user turn of ``text``."""
+    """The chat for a row: its ``messages`` if present, else one user turn of ``text``.
+
+    Raises :class:`MalformedRowError` (a ``ValueError``) naming the row when it has neither, or
+    when a message lacks ``role``/``content``: a silent ``"None"`` prompt would waste a whole
+    generation pass and poison the judged data.
+    """
     messages = row.get("messages")
-    if messages is not None and len(messages) > 0:
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    return [{"role": "user", "content": str(row["text"])}]
+    if not _missing(messages) and len(messages) > 0:
+        chat = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise MalformedRowError(
+                    f"prompt row id={_id_of(row)}: messages[{i}] must be a mapping with "
+                    f"'role' and 'content', got {m!r}"
+                )
+            chat.append({"role": str(m["role"]), "content": str(m["content"])})
+        return chat
+    text = row.get("text")
+    if _missing(text):
+        raise MalformedRowError(
+            f"prompt row id={_id_of(row)} has neither 'text' nor non-empty 'messages' "
+            f"(columns: {sorted(row)}); every row needs one of them (engines/base.py)"
+        )
+    return [{"role": "user", "content": str(text)}]
+
+
+def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ``{column: array}`` batch as a list of row dicts."""
+    return [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
+def explode(
+    columns: list[str], rows: list[dict[str, Any]], outputs: list[list[dict[str, Any]]]
+) -> dict[str, np.ndarray]:
+    """One output row per sample: the input ``columns`` repeated, plus ``OUTPUT_COLUMNS``."""
+    out: dict[str, list[Any]] = {key: [] for key in [*columns, *OUTPUT_COLUMNS]}
+    for row, samples in zip(rows, outputs, strict=True):
+        for sample in samples:
+            for key in columns:
+                out[key].append(row[key])
+            for key in OUTPUT_COLUMNS:
+                out[key].append(sample[key])
+    return {key: _object_array(values) for key, values in out.items()}
+
+
+def _object_array(values: list[Any]) -> np.ndarray:
+    """A 1-D object array, even when the values are same-length lists (e.g. ``messages``)."""
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        array[i] = value
+    return array

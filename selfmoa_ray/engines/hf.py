@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfmoa_ray.engines.base import OUTPUT_COLUMNS, SamplingParams, chat_of
+from selfmoa_ray.engines.base import SamplingParams, chat_of, explode, rows_of
 from selfmoa_ray.sources.models import load_model_and_tokenizer
 
 
@@ -38,24 +38,13 @@ class HFChatEngine:
         self.device = device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [
-            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
-        ]
+        rows = rows_of(batch)
+        chats = [chat_of(r) for r in rows]  # malformed rows fail here, before any generation
         prompts = [
-            self.tokenizer.apply_chat_template(
-                chat_of(r), add_generation_prompt=True, tokenize=False
-            )
-            for r in rows
+            self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            for chat in chats
         ]
-        outputs = self.generate(prompts)
-        out: dict[str, list[Any]] = {key: [] for key in [*batch, *OUTPUT_COLUMNS]}
-        for row, samples in zip(rows, outputs, strict=True):
-            for sample in samples:
-                for key in batch:
-                    out[key].append(row[key])
-                for key in OUTPUT_COLUMNS:
-                    out[key].append(sample[key])
-        return {key: np.asarray(values, dtype=object) for key, values in out.items()}
+        return explode(list(batch), rows, self.generate(prompts))
 
     @torch.inference_mode()
     def generate(self, prompts: list[str]) -> list[list[dict[str, Any]]]:

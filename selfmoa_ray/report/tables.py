@@ -6,15 +6,19 @@ from typing import Any
 
 
 def print_metrics(policies: dict[str, dict[str, Any]]) -> None:
-    """One row per (policy, split): responses, refusal rate, tokens generated."""
-    header = f"{'policy':<12} {'split':<14} {'responses':>9} {'refusal rate':>12} {'tokens':>8}"
+    """One row per (policy, split): safety, refusal (judge and string match), helpfulness."""
+    header = (
+        f"{'policy':<12} {'split':<14} {'n':>4} {'safety':>7} {'refusal':>8} "
+        f"{'refusal(str)':>12} {'helpful':>8} {'tokens':>7}"
+    )
     print(header)
     print("-" * len(header))
     for policy, splits in policies.items():
         for split, m in splits.items():
             print(
-                f"{policy:<12} {split:<14} {m['responses']:>9} "
-                f"{m['refusal_rate']:>12.1%} {m['response_tokens']:>8}"
+                f"{policy:<12} {split:<14} {m['responses']:>4} {m['safety_rate']:>7.1%} "
+                f"{m['refusal_rate']:>8.1%} {m['string_refusal_rate']:>12.1%} "
+                f"{m['helpfulness']:>8.3f} {m['response_tokens']:>7}"
             )
 
 

@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: a policy answers the held-out harmful and benign sets; we score and summarise.
+"""Stage ``evaluate``: a policy answers the held-out harmful and benign sets; the judge scores them.
 
 Greedy decoding by default, so two policies are compared on the same footing. Evaluation sets come
 from ``data.eval_harmful`` / ``data.eval_benign`` and are never used for training (config.py checks).
@@ -15,10 +15,10 @@ import ray.data
 from selfmoa_ray.config import Config, DataSection, ModelSection
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import generate
-from selfmoa_ray.evaluators.refusal import RefusalMatcher
 from selfmoa_ray.report.metrics import summarize
 from selfmoa_ray.rundir import RunDir, write_json, write_parquet
 from selfmoa_ray.sources.prompts import PromptRow, load_prompts
+from selfmoa_ray.stages.judge import judge_dataset
 
 
 def held_out_prompts(data: DataSection, seed: int) -> list[PromptRow]:
@@ -46,12 +46,10 @@ def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str)
         )
         ds = ray.data.from_items([p.to_dict() for p in prompts])
         ds = generate(ds, model, config.engine, sampling)
-        ds = ds.map_batches(
-            RefusalMatcher, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1
-        )
+        ds = judge_dataset(ds, config.judge, model.dtype)
         rows = sorted(ds.take_all(), key=lambda r: (r["id"], r["sample_index"]))
         write_parquet(run.path(responses), pa.Table.from_pylist(rows))
-        summary = {"model": model.source, "splits": summarize(rows)}
+        summary = {"model": model.source, "splits": summarize(rows, config.judge.unsafe_threshold)}
         write_json(run.path(metrics), summary)
         return summary
 
