@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompts_sub = prompts.add_subparsers(dest="action", required=True)
     prompts_sub.add_parser("list", help="packaged sources with counts and categories")
 
+    evaluators = sub.add_parser("evaluators", help="train and inspect the CPU judges")
+    evaluators_sub = evaluators.add_subparsers(dest="action", required=True)
+    train = evaluators_sub.add_parser("train", help="train the MiniLM probe; print its model card")
+    train.add_argument("--out", help="folder (default: the cache's evaluators/probe-v1)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--folds", type=int, default=5)
+
     _run_args(sub.add_parser("audit", help="evaluate the configured policy on the held-out sets"))
     return parser
 
@@ -77,6 +84,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "prompts":
         return _list_prompts()
+    if args.command == "evaluators":
+        return _train_probe(args.out, args.seed, args.folds)
     if args.command == "audit":
         config = load_config(args.config, args.overrides)
         return _audit(config, Path(args.output_dir) if args.output_dir else None, args.resume)
@@ -93,6 +102,23 @@ def _list_prompts() -> int:
         categories = Counter(r.category for r in rows)
         print(f"{name:<14} {len(rows):>5} prompts  split={rows[0].split:<13} {spec.description}")
         print(f"{'':<14} {len(categories)} categories: {', '.join(sorted(categories))[:110]}")
+    return 0
+
+
+def _train_probe(out: str | None, seed: int, folds: int) -> int:
+    from selfmoa_ray.evaluators.probe import train_probe
+
+    card = train_probe(Path(out) if out else None, seed=seed, folds=folds)
+    print(f"probe saved to {card.path} ({card.embedder}, {card.feature_dim} features)")
+    for head, info in card.heads.items():
+        grouped = info.get("cv_grouped", info)
+        shown = {k: v for k, v in grouped.items() if isinstance(v, (int, float))}
+        print(
+            f"  {head:<10} grouped CV: "
+            + ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+            )
+        )
     return 0
 
 

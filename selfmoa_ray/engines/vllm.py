@@ -12,8 +12,12 @@ the main venv's), where it needs:
   legacy env ``VLLM_CPU_KVCACHE_SPACE``, in whole GiB, overrides it). Without it vLLM reserves
   ``gpu_memory_utilization`` of the machine's RAM and refuses to start when that much is not free;
 * eager mode by default (``enforce_eager``): with an explicit KV cache size vLLM then skips its
-  warm-up, and start-up drops from ~45 s (inductor compile) to ~18 s on 2 cores;
-* an ``if __name__ == "__main__":`` guard in scripts, since the engine core is a spawned process.
+  warm-up and inductor compile. Measured on 2 cores: start-up 15-26 s instead of 40-80 s, for
+  ~5% lower throughput on SmolLM2-135M;
+* an ``if __name__ == "__main__":`` guard in scripts, since the engine core is a spawned process;
+* ideally one engine per machine (NUMA node): its worker pins its OpenMP threads itself
+  (``VLLM_CPU_OMP_THREADS_BIND=auto`` takes all cores but one, which it leaves to the scheduler),
+  so several CPU engine actors on one machine share those cores.
 
 Prompts are templated and tokenized exactly as the HF engine does (the model's chat template,
 then ``add_special_tokens=False``) and passed to vLLM as token ids, so ``prompt_tokens`` agree
