@@ -59,4 +59,4 @@ constraints: install
 	sed -n '1,3p' requirements/constraints-cpu.txt | cat - /tmp/selfmoa-freeze.txt > requirements/constraints-cpu.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache
