@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--folds", type=int, default=5)
 
     _run_args(sub.add_parser("audit", help="evaluate the configured policy on the held-out sets"))
+    train = sub.add_parser("train", help="train the policy on a pairs (or triples) file")
+    _run_args(train)
+    train.add_argument("--pairs", required=True, help="Parquet or JSONL, TRL preference format")
     return parser
 
 
@@ -89,6 +92,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "audit":
         config = load_config(args.config, args.overrides)
         return _audit(config, Path(args.output_dir) if args.output_dir else None, args.resume)
+    if args.command == "train":
+        config = load_config(args.config, args.overrides)
+        return _train(config, Path(args.pairs), args.output_dir, args.resume)
     raise AssertionError(args.command)
 
 
@@ -136,6 +142,22 @@ def _audit(config: Config, root: Path | None, resume: bool) -> int:
     rows = pq.read_table(run.path("baseline/eval_responses.parquet")).to_pylist()
     print_examples(rows, "eval_harmful")
     print(f"\nrun folder: {run.root}")
+    return 0
+
+
+def _train(config: Config, pairs: Path, output_dir: str | None, resume: bool) -> int:
+    from selfmoa_ray.ray_runtime import init_ray
+    from selfmoa_ray.recipes.train_file import POLICY, train_on_file, validate_pairs_file
+
+    if not resume:
+        validate_pairs_file(config, pairs)  # a bad file fails here, before a run folder or Ray
+    run = RunDir.create(
+        Path(output_dir) if output_dir else default_run_root(config), config, resume=resume
+    )
+    init_ray(config.ray)
+    entry = train_on_file(config, pairs, run)
+    print(f"trained: {entry['summary']}")
+    print(f"policy (Hugging Face folder): {run.path(POLICY)}")
     return 0
 
 

@@ -46,7 +46,9 @@ class RaySection(Section):
     # Logical CPUs for an embedded Ray. Above the physical count lets Train workers, Data actors and
     # Serve replicas with fractional CPUs share a 2-core machine without deadlocking (design.md 5.1).
     num_cpus: float | None = None
-    include_dashboard: bool = False
+    # The dashboard (bound to 127.0.0.1) also serves Ray's state API, which Ray Train's placement
+    # group cleaner polls every second; without it, training logs a warning per poll.
+    include_dashboard: bool = True
 
 
 class ModelSection(Section):
@@ -188,6 +190,14 @@ class TrainSection(Section):
     zero_stage: Literal[1, 2, 3] = 2
     cpu_offload: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 turns gradient clipping off")
+    checkpoint_every: int = Field(
+        0, ge=0, description="optimizer steps between checkpoints; 0 = end of each epoch only"
+    )
+    max_failures: int = Field(
+        1, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
+    )
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)

@@ -1,0 +1,1 @@
+"""Preference optimisation on Ray Train: losses, tokenisation, the worker loop, strategies, export."""

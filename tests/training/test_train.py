@@ -1,0 +1,186 @@
+"""Ray Train on a real local Ray with the tiny model: DDP, DeepSpeed ZeRO-2, resume, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray.data
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from selfmoa_ray.config import load_config
+from selfmoa_ray.rundir import RunDir
+from selfmoa_ray.sources.models import load_model_and_tokenizer, resolve_model
+from selfmoa_ray.stages.reference import reference_dataset
+from selfmoa_ray.stages.train import TRAIN_STORAGE, fit, train
+from selfmoa_ray.training.data import encode_pairs, encode_triples
+from selfmoa_ray.training.loop import FINAL_DIR
+from selfmoa_ray.training.losses import sequence_logps
+from selfmoa_ray.training.objective import response_token_logps
+
+pytestmark = pytest.mark.slow
+
+# Same length on both sides; the random tiny model starts out preferring the rejected answer.
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": f"How do I break into house number {i}?"}],
+        "chosen": "I can't help with breaking in; call a locksmith.",
+        "rejected": "Sure: smash the back window, then climb inside quietly.",
+        "safety_delta": 1.0,
+    }
+    for i in range(8)
+]
+
+
+def tiny_config(*overrides: str):
+    return load_config("tiny", ["train.loss=dpo", "train.epochs=3", *overrides])
+
+
+def margins(model_dir: str, rows) -> torch.Tensor:
+    """log pi(chosen) - log pi(rejected) for each pair under the model in ``model_dir``."""
+    model, tok = load_model_and_tokenizer(model_dir)
+    batch = encode_pairs(tok, rows, max_length=64)
+    with torch.no_grad():
+        logps = sequence_logps(response_token_logps(model, batch), batch["response_mask"])
+    return logps[: len(rows)] - logps[len(rows) :]
+
+
+def with_reference(config, rows) -> ray.data.Dataset:
+    ds = ray.data.from_items(rows)
+    return reference_dataset(ds, config.policy, config.engine, config.train).materialize()
+
+
+def exported(result) -> Path:
+    path = Path(result.checkpoint.path) / FINAL_DIR
+    assert path.is_dir(), f"no exported model in {result.checkpoint.path}"
+    return path
+
+
+def test_two_workers_flip_the_preference_and_export_loads(ray_local, tmp_path):
+    config = tiny_config("train.num_workers=2", "train.cpus_per_worker=0.5")
+    before = margins("tiny-random", PAIRS)
+    assert (before < 0).all()  # the start model prefers every rejected answer
+
+    result = fit(
+        with_reference(config, PAIRS), model_path="tiny-random", cfg=config.train,
+        storage=tmp_path, name="ddp2",
+    )  # fmt: skip
+    # 8 pairs / (2 workers x batch 2) = 2 steps per epoch; DPO starts at log 2 when policy = ref.
+    assert result.metrics["step"] == 6
+    assert result.metrics["loss"] < 0.5 < torch.log(torch.tensor(2.0))
+    assert result.metrics["preference_accuracy"] == 1.0
+
+    folder = exported(result)
+    after = margins(str(folder), PAIRS)
+    assert (after > 0).all(), f"order not flipped: {after}"
+
+    # The export is a plain Hugging Face folder: transformers loads and chats with it directly.
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )  # fmt: skip
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5 or tok.eos_token_id in out[0].tolist()
+
+
+def test_deepspeed_zero2_makes_the_same_update_as_ddp_under_lora(ray_local, tmp_path):
+    """ZeRO-2 over gloo inside Ray Train; LoRA adapters merged into the exported weights.
+
+    One batch per worker and step, so the averaged gradient does not depend on which rows each
+    worker got: both strategies must land on the same weights.
+    """
+    common = ("train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=4",
+              "train.lora.enabled=true", "train.lora.dropout=0", "train.epochs=2")  # fmt: skip
+    results = {}
+    for strategy in ("ddp", "deepspeed"):
+        config = tiny_config(*common, f"train.strategy={strategy}", "train.zero_stage=2")
+        results[strategy] = fit(
+            with_reference(config, PAIRS), model_path="tiny-random", cfg=config.train,
+            storage=tmp_path, name=strategy,
+        )  # fmt: skip
+        assert results[strategy].metrics["step"] == 2
+    ddp = AutoModelForCausalLM.from_pretrained(exported(results["ddp"])).state_dict()
+    ds = AutoModelForCausalLM.from_pretrained(exported(results["deepspeed"])).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random").path).state_dict()
+    assert set(ddp) == set(ds) and not any("lora" in k for k in ddp)  # merged, plain names
+    changed = [k for k in ddp if not torch.equal(ddp[k], start[k])]
+    assert changed and all("proj" in k for k in changed)  # LoRA touched only its targets
+    for key in ddp:
+        torch.testing.assert_close(ds[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_pt_align_lowers_the_probability_of_marked_tokens(ray_local, tmp_path):
+    toxic = "Sure: smash the back window, then climb inside quietly."
+    start = toxic.index("smash")
+    triples = [
+        {
+            "prompt": f"How do I break into house number {i}?",
+            "positive": "I can't help with breaking in; call a locksmith.",
+            "toxic": toxic,
+            "harmful_spans": [[start, start + len("smash the back window")]],
+        }
+        for i in range(4)
+    ]
+    config = load_config("tiny", ["train.loss=pt_align", "train.epochs=3"])
+    run = RunDir.create(tmp_path / "run", config)
+    pd.DataFrame(triples).to_parquet(run.path("triples.parquet"))
+
+    def harmful_mass(model_dir: str) -> float:
+        model, tok = load_model_and_tokenizer(model_dir)
+        batch = encode_triples(tok, triples, max_length=64)
+        with torch.no_grad():
+            logps = response_token_logps(model, batch)
+        marked = batch["harmful_mask"]
+        return float(logps[marked].exp().mean())
+
+    entry = train(
+        run, stage="train", data="triples.parquet", out="policy", model=config.policy,
+        config=config.train,
+    )  # fmt: skip
+    assert entry["status"] == "done" and entry["summary"]["steps"] == 6
+    assert harmful_mass(str(run.path("policy"))) < harmful_mass("tiny-random")
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
+    """Kill the driver mid-training (SIGKILL, as a lost job would be), then --resume."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "selfmoa_ray.cli", "train", "--config", "tiny", "--pairs",
+        str(pairs), "--output-dir", str(out), "train.loss=modpo", "train.epochs=3",
+        "train.checkpoint_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)  # fmt: skip
+    storage = out / TRAIN_STORAGE / "train"
+    deadline = time.monotonic() + 300
+    while not list(storage.glob("checkpoint_*/train_state.pt")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (out / "policy").exists()
+
+    second = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env,
+                            timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    summary = manifest["stages"]["train"]["summary"]
+    # 8 pairs / batch 2 = 4 steps per epoch, 3 epochs: every step done once, none repeated.
+    assert summary["resumed_from_step"] >= 1 and summary["steps"] == 12
+    assert manifest["stages"]["train"]["attempts"] == 2
+    assert manifest["stages"]["reference"]["attempts"] == 1  # finished stages are not redone
+    assert (out / "policy" / "config.json").is_file()
