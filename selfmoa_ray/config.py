@@ -47,8 +47,9 @@ class RaySection(Section):
     # Serve replicas with fractional CPUs share a 2-core machine without deadlocking (design.md 5.1).
     num_cpus: float | None = None
     # The dashboard (bound to 127.0.0.1) also serves Ray's state API, which Ray Train's placement
-    # group cleaner polls every second; without it, training logs a warning per poll.
-    include_dashboard: bool = True
+    # group cleaner polls every second; without it, training logs a warning per poll. None (Ray's
+    # default): start it when its dependencies are installed (ray[serve] has them, ray[data] not).
+    include_dashboard: bool | None = None
 
 
 class ModelSection(Section):
