@@ -196,6 +196,13 @@ class TrainSection(Section):
     checkpoint_every: int = Field(
         0, ge=0, description="optimizer steps between checkpoints; 0 = end of each epoch only"
     )
+    report_every: int = Field(
+        10,
+        ge=1,
+        description="optimizer steps between metric reports (Ray Train V2 collects "
+        "one report per worker per controller poll, every 2 s by default: reporting every step "
+        "would cap training at one step per 2 s)",
+    )
     max_failures: int = Field(
         1, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
     )

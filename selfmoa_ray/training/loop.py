@@ -120,8 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["samples_per_s"] = (
                     (i + 1 - skip) * cfg.batch_size * world / (time.perf_counter() - started)
                 )
-                due = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
-                report(metrics, save=bool(due))
+                due = bool(cfg.checkpoint_every) and state["step"] % cfg.checkpoint_every == 0
+                if due or state["step"] % cfg.report_every == 0:
+                    report(metrics, save=due)  # each report waits for Ray's controller poll
         state["epoch"], state["batches_done"] = epoch + 1, 0
         report(metrics, save=True)
     progress.close()

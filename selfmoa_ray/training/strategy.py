@@ -7,8 +7,8 @@ micro-batch (gradient accumulation, clipping and the optimizer step happen insid
 set up (gloo on CPU, NCCL on GPUs).
 
 * DDP: ``ray.train.torch.prepare_model`` (moves to the worker's device, wraps in DDP when there
-  is more than one worker) and a torch AdamW. The CPU default: on 2 cores it is faster than
-  DeepSpeed (``benchmarks/training.py``).
+  is more than one worker) and a torch AdamW. The CPU default: on 2 cores it is as fast as
+  DeepSpeed under LoRA and ~10% faster for full fine-tuning (``benchmarks/training.py``).
 * DeepSpeed ZeRO-1/2/3 (bf16, optional CPU offload of optimizer state) for GPUs; ZeRO-1/2 also run
   on CPU over gloo. The first use in a fresh environment JIT-builds DeepSpeed's ``shm_comm`` op
   (50-120 s, cached under ``~/.cache/torch_extensions``).
