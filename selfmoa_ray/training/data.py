@@ -146,22 +146,28 @@ def collate(encoded: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Te
     }
 
 
+def _encode_column(
+    tokenizer: Any, rows: Sequence[dict[str, Any]], column: str, max_length: int, *, marked: bool
+) -> list[Encoded]:
+    """One response column of every row; ``marked`` reads the rows' ``harmful_spans`` too."""
+    return [
+        encode_response(
+            tokenizer,
+            r["prompt"],
+            text_of(r[column], column),
+            max_length=max_length,
+            harmful_spans=spans_of(r.get("harmful_spans")) if marked else (),
+        )
+        for r in rows
+    ]
+
+
 def encode_pairs(
     tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_length: int
 ) -> dict[str, torch.Tensor]:
     """Chosen responses first, then rejected ones, in one batch (one forward pass for both)."""
-    chosen = [
-        encode_response(
-            tokenizer, r["prompt"], text_of(r["chosen"], "chosen"), max_length=max_length
-        )
-        for r in rows
-    ]
-    rejected = [
-        encode_response(
-            tokenizer, r["prompt"], text_of(r["rejected"], "rejected"), max_length=max_length
-        )
-        for r in rows
-    ]
+    chosen = _encode_column(tokenizer, rows, "chosen", max_length, marked=False)
+    rejected = _encode_column(tokenizer, rows, "rejected", max_length, marked=False)
     return collate(chosen + rejected, tokenizer.pad_token_id)
 
 
@@ -169,22 +175,8 @@ def encode_triples(
     tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_length: int
 ) -> dict[str, torch.Tensor]:
     """Positive responses first, then toxic ones with their harmful marks, in one batch."""
-    positive = [
-        encode_response(
-            tokenizer, r["prompt"], text_of(r["positive"], "positive"), max_length=max_length
-        )
-        for r in rows
-    ]
-    toxic = [
-        encode_response(
-            tokenizer,
-            r["prompt"],
-            text_of(r["toxic"], "toxic"),
-            max_length=max_length,
-            harmful_spans=spans_of(r.get("harmful_spans")),
-        )
-        for r in rows
-    ]
+    positive = _encode_column(tokenizer, rows, "positive", max_length, marked=False)
+    toxic = _encode_column(tokenizer, rows, "toxic", max_length, marked=True)
     return collate(positive + toxic, tokenizer.pad_token_id)
 
 
@@ -202,12 +194,3 @@ def spans_of(value: Any) -> list[tuple[int, int]]:
             raise MalformedPairError(f"harmful span {span!r} must have 0 <= start < end")
         spans.append((start, end))
     return spans
-
-
-def rows_of(batch: dict[str, Any] | Any) -> list[dict[str, Any]]:
-    """A Ray Data batch (dict of columns, or a pandas frame) as a list of row dicts."""
-    if hasattr(batch, "to_dict"):  # pandas
-        return batch.to_dict("records")
-    columns = list(batch)
-    n = len(batch[columns[0]]) if columns else 0
-    return [{c: batch[c][i] for c in columns} for i in range(n)]

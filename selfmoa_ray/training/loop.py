@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < skip:
                 continue  # trained on before the checkpoint this run resumed from
             rows = batch.to_dict("records")
-            with torch.autocast(device.type, torch.bfloat16, enabled=strategy_autocast(strategy)):
+            with torch.autocast(device.type, torch.bfloat16, enabled=strategy.autocast):
                 loss, metrics = compute_loss(strategy.model, tokenizer, rows, cfg, device)
             strategy.backward(loss)
             stepped = strategy.step()
@@ -136,7 +136,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             final = ray.train.Checkpoint.from_directory(tmp)
         summary = {**metrics, **state, "resumed_from_step": resumed_from, "final": 1}
         ray.train.report(summary, checkpoint=final)
-
-
-def strategy_autocast(strategy: Any) -> bool:
-    return bool(getattr(strategy, "autocast", False))

@@ -28,6 +28,7 @@ STATE_FILE = "train_state.pt"
 
 class Strategy(Protocol):
     model: torch.nn.Module
+    autocast: bool  # whether the loop runs forward under bf16 autocast
 
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> bool: ...
