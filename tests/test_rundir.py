@@ -103,6 +103,25 @@ def test_stage_status_survives_a_restart(tmp_path):
     assert len(again.manifest["resumed"]) == 1
 
 
+def test_resume_sweeps_what_a_killed_writer_left_half_written(tmp_path):
+    root = tmp_path / "run"
+    config = load_config("tiny")
+    RunDir.create(root, config)
+    half_file = root / ".manifest.json.tmp-0123abcd"
+    half_folder = root / "iter_01" / ".responses.parquet.tmp-89abcdef"
+    ray_owned = root / "ray_train" / "iter_01" / ".state.tmp-0123abcd"
+    keep = root / "iter_01" / ".notes.tmp-not-ours"
+    for folder in (half_folder, ray_owned.parent):
+        folder.mkdir(parents=True)
+    (half_folder / "part-0.parquet").write_text("partial")
+    for path in (half_file, ray_owned, keep):
+        path.write_text("x")
+
+    RunDir.create(root, config, resume=True)
+    assert not half_file.exists() and not half_folder.exists()
+    assert ray_owned.exists() and keep.exists()
+
+
 def test_stage_reruns_when_its_output_vanished(tmp_path):
     run = RunDir.create(tmp_path / "run", load_config("tiny"))
     calls = []

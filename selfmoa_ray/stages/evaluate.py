@@ -24,7 +24,7 @@ from selfmoa_ray.stages.judge import judge_dataset
 def held_out_prompts(data: DataSection, seed: int) -> list[PromptRow]:
     """The evaluation prompts, each set capped at ``max_eval_prompts`` by a seeded sample."""
     rows: list[PromptRow] = []
-    for spec in [*data.eval_harmful, *data.eval_benign]:
+    for spec in [*data.eval_harmful, *data.eval_benign, *data.eval_files]:
         items = load_prompts(spec)
         if data.max_eval_prompts and len(items) > data.max_eval_prompts:
             items = random.Random(seed).sample(items, data.max_eval_prompts)

@@ -18,12 +18,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from selfmoa_ray.config import ModelSection, TrainSection
-from selfmoa_ray.rundir import RunDir, atomic_path
+from selfmoa_ray.rundir import TRAIN_STORAGE_DIR, RunDir, atomic_path
 from selfmoa_ray.training.data import MalformedPairError
 from selfmoa_ray.training.loop import FINAL_DIR, train_loop_per_worker
 from selfmoa_ray.training.objective import check_columns
 
-TRAIN_STORAGE = "ray_train"  # run-relative folder of Ray Train's checkpoints
+TRAIN_STORAGE = TRAIN_STORAGE_DIR  # run-relative folder of Ray Train's checkpoints
 
 
 def scaling_config(cfg: TrainSection) -> ray.train.ScalingConfig:

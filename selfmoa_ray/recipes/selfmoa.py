@@ -1,0 +1,202 @@
+"""Recipe: the Self-MOA closed loop, top to bottom (design.md 2.1).
+
+    baseline/evaluate                           the start policy on the held-out sets
+    for t in 1..loop.iterations:
+        iter_t/redteam    prompts.parquet       attacks aimed at M_{t-1}'s failures, benign mixed in
+        iter_t/sample     responses.parquet/    M_{t-1} answers each prompt k times
+        iter_t/judge      scored.parquet/       evaluators: safety, helpfulness, refusal
+        iter_t/failures   failures.parquet      successful attacks: next iteration's few-shots
+        iter_t/pairs      pairs.parquet         Self-MOA preference pairs
+        iter_t/reference  pairs_ref.parquet/    reference log-probs (M_{t-1}, or M_0)
+        iter_t/train      policy/               MODPO on Ray Train: M_t
+        iter_t/evaluate   metrics.json          M_t on the held-out sets; rejected (and the loop
+                                                stops) if safety did not gain or over-refusal rose
+    report.html, metrics.json, metrics.csv
+
+Every stage is a function of files in the run directory and is skipped when its output exists, so
+a killed run started again with ``--resume`` continues where it stopped and never repeats or loses
+rows. The loop itself holds no state that the files do not: the policy of iteration t is
+``iter_t/policy`` and the stop decision is recomputed from the stored metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from selfmoa_ray.config import Config, LoopSection, ModelSection
+from selfmoa_ray.engines.base import SamplingParams
+from selfmoa_ray.report.collect import collect_run
+from selfmoa_ray.report.html import write_report
+from selfmoa_ray.report.tracking import flat_metrics, make_tracker
+from selfmoa_ray.rundir import RunDir
+from selfmoa_ray.stages.evaluate import evaluate_policy
+from selfmoa_ray.stages.failures import failures
+from selfmoa_ray.stages.judge import judge
+from selfmoa_ray.stages.pairs import pairs
+from selfmoa_ray.stages.redteam import redteam
+from selfmoa_ray.stages.reference import reference
+from selfmoa_ray.stages.sample import sample
+from selfmoa_ray.stages.train import train
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+HARMFUL_SPLIT = "eval_harmful"
+BENIGN_SPLIT = "eval_benign"
+
+
+def iteration_dir(t: int) -> str:
+    return f"iter_{t:02d}"
+
+
+def check_recipe(config: Config) -> None:
+    """Fail before any work on a config this recipe cannot run."""
+    if config.train.loss == "pt_align":
+        raise ValueError(
+            "train.loss=pt_align trains on positive/toxic triples, not Self-MOA pairs; "
+            "use a preference loss (modpo, dpo, ipo, scalarised_dpo)"
+        )
+
+
+def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
+    """Run (or resume) the closed loop in ``run``; returns the collected metrics of the run."""
+    check_recipe(config)
+    tracker = make_tracker(config.tracking, run.root, config.run.name)
+    try:
+        _stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
+        _track(tracker, run, 0, BASELINE)
+        policy, accepted = config.policy, BASELINE
+        state = {"iterations_planned": config.loop.iterations, "iterations_done": 0,
+                 "stopped_early": False, "stop_reason": None}  # fmt: skip
+        for t in range(1, config.loop.iterations + 1):
+            trained = run_iteration(config, run, t, policy)
+            state["iterations_done"] = t
+            if trained is None:
+                state.update(stopped_early=True, stop_reason=f"too few pairs to train at {t}")
+                break
+            name = iteration_dir(t)
+            _track(tracker, run, t, name)
+            gain = _metric(run, name, HARMFUL_SPLIT, "safety_rate") - _metric(
+                run, accepted, HARMFUL_SPLIT, "safety_rate"
+            )
+            rise = _metric(run, name, BENIGN_SPLIT, "refusal_rate") - _metric(
+                run, BASELINE, BENIGN_SPLIT, "refusal_rate"
+            )
+            reason = stop_reason(gain, rise, t, config.loop)
+            if reason:
+                state.update(stopped_early=t < config.loop.iterations, stop_reason=reason)
+                break
+            policy, accepted = trained, name
+        # The policy a user should take away: the last one that passed both checks.
+        state["final_policy"] = accepted
+        state["final_policy_path"] = str(
+            run.path(accepted, "policy") if accepted != BASELINE else config.policy.source
+        )
+        state["human_items"] = human_items(run)
+        run.manifest["loop"] = state
+        run.save()
+    finally:
+        tracker.close()
+    return write_report(run.root)
+
+
+def run_iteration(config: Config, run: RunDir, t: int, policy: ModelSection) -> ModelSection | None:
+    """One iteration from policy M_{t-1}; returns M_t, or None when too few pairs were kept."""
+    it = iteration_dir(t)
+    threshold = config.judge.unsafe_threshold
+    generator = config.redteam.generator or policy
+    entries = {
+        "redteam": redteam(run, config, iteration=t, generator=generator,
+                           out=f"{it}/prompts.parquet"),
+        "sample": sample(
+            run, stage=f"{it}/sample", prompts=f"{it}/prompts.parquet",
+            out=f"{it}/responses.parquet", model=policy, engine=config.engine,
+            sampling=SamplingParams(
+                n=config.sampling.n, temperature=config.sampling.temperature,
+                top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens,
+                seed=config.run.seed + t,
+            ),
+        ),
+        "judge": judge(run, stage=f"{it}/judge", responses=f"{it}/responses.parquet",
+                       out=f"{it}/scored.parquet", config=config.judge),
+        "failures": failures(run, stage=f"{it}/failures", scored=f"{it}/scored.parquet",
+                             out=f"{it}/failures.parquet", unsafe_threshold=threshold),
+        "pairs": pairs(run, stage=f"{it}/pairs", scored=f"{it}/scored.parquet",
+                       out=f"{it}/pairs.parquet", section=config.pairs,
+                       unsafe_threshold=threshold),
+    }  # fmt: skip
+    for name, entry in entries.items():
+        _stage_done(run, entry, f"{it}/{name}")
+    kept = entries["pairs"]["summary"]["pairs"]
+    needed = config.train.batch_size * config.train.num_workers
+    if kept < needed:
+        log.warning(
+            "iteration %d kept %d pairs, fewer than one batch (%d): stopping", t, kept, needed
+        )
+        return None
+    ref_model = policy if config.train.reference == "previous" else config.policy
+    _stage_done(
+        run,
+        reference(
+            run, stage=f"{it}/reference", pairs=f"{it}/pairs.parquet",
+            out=f"{it}/pairs_ref.parquet", model=ref_model, engine=config.engine,
+            train=config.train,
+        ),
+        f"{it}/reference",
+    )  # fmt: skip
+    _stage_done(
+        run,
+        train(
+            run, stage=f"{it}/train", data=f"{it}/pairs_ref.parquet", out=f"{it}/policy",
+            model=policy, config=config.train, seed=config.run.seed + t,
+        ),
+        f"{it}/train",
+    )  # fmt: skip
+    trained = policy.model_copy(update={"source": str(run.path(it, "policy"))})
+    _stage_done(run, evaluate_policy(run, config, trained, it), f"{it}/evaluate")
+    return trained
+
+
+def stop_reason(gain: float, over_refusal_rise: float, t: int, loop: LoopSection) -> str | None:
+    """Why iteration ``t``'s policy is rejected and the loop stops, or None to accept it and go on.
+
+    ``gain``: held-out harmful safety over the last accepted policy; ``over_refusal_rise``: benign
+    refusal rate over the start policy. A rejected policy stays on disk, but the run's final
+    policy is the last accepted one.
+    """
+    if over_refusal_rise > loop.max_over_refusal_rise:
+        return (
+            f"over-refusal rose {100 * over_refusal_rise:+.1f} pts over the start policy "
+            f"(> loop.max_over_refusal_rise {100 * loop.max_over_refusal_rise:.1f}) at iteration {t}"
+        )
+    if gain < loop.min_gain:
+        return f"held-out safety gain {gain:+.4f} < loop.min_gain {loop.min_gain} at iteration {t}"
+    return None
+
+
+def human_items(run: RunDir) -> int:
+    """Human-written prompts the loop started from (seeds and benign prompts); no human labels."""
+    seeds: set[str] = set()
+    for path in sorted(run.root.glob("iter_*/prompts.parquet")):
+        seeds |= set(pq.read_table(path, columns=["seed_id"]).column("seed_id").to_pylist())
+    return len(seeds - {""})
+
+
+def _metric(run: RunDir, name: str, split: str, key: str) -> float:
+    splits = run.manifest["stages"][f"{name}/evaluate"]["summary"]["splits"]
+    return float(splits[split][key]) if split in splits else 0.0
+
+
+def _track(tracker: Any, run: RunDir, step: int, name: str) -> None:
+    for policy in collect_run(run.root)["policies"]:
+        if policy["name"] == name:
+            tracker.log_iteration(step, flat_metrics(policy))
+
+
+def _stage_done(run: RunDir, entry: dict[str, Any], name: str) -> None:
+    """One line per stage, so a user watching the job sees the loop advance."""
+    summary = {k: v for k, v in entry.get("summary", {}).items() if not isinstance(v, dict)}
+    print(f"[{name}] {entry.get('status')} in {entry.get('seconds', 0):.1f}s {summary}", flush=True)

@@ -1,0 +1,376 @@
+"""Read a run directory into one JSON-able metrics structure (design.md 2.3).
+
+The loop writes ``manifest.json`` (each stage's status, wall time and summary) and, per policy,
+``<policy>/metrics.json`` (the ``evaluate`` summary: per split safety, refusal, helpfulness,
+tokens, per category). :func:`collect_run` joins them into::
+
+    run         name, path, run_id, created, config fingerprint, policy model, status
+    loop        the manifest's "loop" block (iterations planned/done, early stop, human items)
+    policies    baseline, iter_01, ... (those with a metrics.json), each with its held-out
+                metrics (harmful: safety by the judge and by the refusal matcher; benign:
+                over-refusal by judge and matcher, helpfulness; harmful safety per category)
+                and "data": the prompts, pairs, tokens and seconds that produced it
+    iterations  iter_01, ...: red-team counts, failures per category, pairs kept and dropped,
+                tokens (sample and evaluation), training summary, seconds per stage
+    stages      every stage in the manifest: group, kind, status, seconds
+    totals      human-written items, prompts, pairs, tokens, seconds (also per stage kind)
+    headline    the first policy (baseline) against the last, with deltas
+
+Partial runs (a killed run, an iteration without ``train`` or ``evaluate``) collect fine: what
+is missing is ``None`` or absent. A file that exists but cannot be parsed raises
+:class:`ReportError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+HARMFUL_SPLIT = "eval_harmful"
+BENIGN_SPLIT = "eval_benign"
+BASELINE = "baseline"
+_ITER = re.compile(r"^iter_(\d+)$")
+# The stage kinds of one iteration in loop order (others found in a manifest go after them).
+STAGE_ORDER = (
+    "redteam",
+    "sample",
+    "judge",
+    "failures",
+    "pairs",
+    "reference",
+    "train",
+    "evaluate",
+)
+
+
+class ReportError(RuntimeError):
+    """A run directory (or one of its files) cannot be read for a report."""
+
+
+# --------------------------------------------------------------------------- small readers
+
+
+def read_json_file(path: Path) -> Any:
+    """Parse ``path``; a broken file raises :class:`ReportError` that names it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"cannot read {path}: {err}") from err
+
+
+def parquet_rows(path: Path) -> int | None:
+    """Row count of a Parquet file or folder of files, from the footers only; None if absent."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return None
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    try:
+        return sum(pq.read_metadata(f).num_rows for f in files if not f.name.startswith("."))
+    except Exception as err:  # pyarrow raises several types for a damaged footer
+        raise ReportError(f"cannot read {path}: {err}") from err
+
+
+def iteration_number(name: str) -> int | None:
+    """0 for the baseline, t for ``iter_XX``, None for anything else."""
+    if name == BASELINE:
+        return 0
+    match = _ITER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# --------------------------------------------------------------------------- one policy
+
+
+def policy_metrics(summary: dict[str, Any], name: str = "", iteration: int | None = None) -> dict:
+    """One policy's held-out metrics from an ``evaluate`` summary (``{"model", "splits"}``).
+
+    ``harmful`` / ``benign`` are None when that split was not evaluated; other splits (user
+    files) are kept as they are under ``other_splits``.
+    """
+    splits = summary.get("splits") or {}
+    harmful = splits.get(HARMFUL_SPLIT)
+    benign = splits.get(BENIGN_SPLIT)
+    out: dict[str, Any] = {
+        "name": name,
+        "iteration": iteration,
+        "model": summary.get("model"),
+        "harmful": None,
+        "benign": None,
+        "other_splits": {k: v for k, v in splits.items() if k not in (HARMFUL_SPLIT, BENIGN_SPLIT)},
+        "eval_tokens": sum(int(s.get("response_tokens") or 0) for s in splits.values()),
+    }
+    if harmful:
+        safety = _num(harmful.get("safety_rate"))
+        out["harmful"] = {
+            "responses": _int(harmful.get("responses")),
+            "safety_rate": safety,
+            "attack_success_rate": None if safety is None else round(1.0 - safety, 4),
+            # The refusal matcher's verdict: a refusal counts as safe ("safety by the matcher").
+            "string_refusal_rate": _num(harmful.get("string_refusal_rate")),
+            "refusal_rate": _num(harmful.get("refusal_rate")),
+            "helpfulness": _num(harmful.get("helpfulness")),
+            "by_category": {
+                cat: {
+                    "responses": _int(m.get("responses")),
+                    "safety_rate": _num(m.get("safety_rate")),
+                    "refusal_rate": _num(m.get("refusal_rate")),
+                }
+                for cat, m in sorted((harmful.get("by_category") or {}).items())
+            },
+        }
+    if benign:
+        out["benign"] = {
+            "responses": _int(benign.get("responses")),
+            "over_refusal": _num(benign.get("refusal_rate")),
+            "string_over_refusal": _num(benign.get("string_refusal_rate")),
+            "helpfulness": _num(benign.get("helpfulness")),
+            "safety_rate": _num(benign.get("safety_rate")),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- one iteration
+
+
+def _iteration(
+    name: str, root: Path, stages: dict[str, dict[str, Any]], evaluated: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Counts of one ``iter_XX`` from its stage summaries (row counts from files as fallback)."""
+
+    def summary(kind: str) -> dict[str, Any] | None:
+        entry = stages.get(kind)
+        if not entry or entry.get("status") != "done":
+            return None
+        return entry.get("summary") or {}
+
+    redteam, sample, judge = summary("redteam"), summary("sample"), summary("judge")
+    failures, pairs, train = summary("failures"), summary("pairs"), summary("train")
+    folder = root / name
+
+    prompts = _int((redteam or {}).get("prompts"))
+    if prompts is None:
+        prompts = parquet_rows(folder / "prompts.parquet")
+    pair_count = _int((pairs or {}).get("pairs"))
+    if pair_count is None:
+        pair_count = parquet_rows(folder / "pairs.parquet")
+
+    eval_tokens = evaluated["eval_tokens"] if evaluated else None
+    sample_tokens = _int((sample or {}).get("response_tokens"))
+
+    seconds = {kind: float(e.get("seconds") or 0.0) for kind, e in stages.items()}
+    return {
+        "name": name,
+        "iteration": iteration_number(name),
+        "evaluated": evaluated is not None,
+        "trained": train is not None,
+        "stages": {
+            kind: {"status": e.get("status", "pending"), "seconds": seconds[kind]}
+            for kind, e in stages.items()
+        },
+        "seconds": round(sum(seconds.values()), 3),
+        "prompts": prompts,
+        "harmful_prompts": _int((redteam or {}).get("harmful")),
+        "benign_prompts": _int((redteam or {}).get("benign")),
+        "generated_prompts": _int((redteam or {}).get("generated")),
+        "seed_fallback": _int((redteam or {}).get("seed_fallback")),
+        "dropped_duplicates": _int((redteam or {}).get("dropped_duplicates")),
+        "human_seeds": _int((redteam or {}).get("human_seeds")),
+        "budget": dict((redteam or {}).get("budget") or {}),
+        "by_style": dict((redteam or {}).get("by_style") or {}),
+        "responses": _int((sample or {}).get("responses")),
+        "sample_tokens": sample_tokens,
+        "unsafe_responses": _int((judge or {}).get("unsafe")),
+        "refusals": _int((judge or {}).get("refusals")),
+        "attack_prompts": _int((failures or {}).get("attack_prompts")),
+        "failed_prompts": _int((failures or {}).get("failed")),
+        "failure_rate": _num((failures or {}).get("failure_rate")),
+        "failures_by_category": {
+            cat: {
+                "prompts": _int(m.get("prompts")),
+                "failed": _int(m.get("failed")),
+                "rate": _num(m.get("rate")),
+            }
+            for cat, m in sorted(((failures or {}).get("by_category") or {}).items())
+        },
+        "pairs": pair_count,
+        "pairs_mode": (pairs or {}).get("mode"),
+        "pairs_dropped": dict((pairs or {}).get("dropped") or {}),
+        "train": dict(train) if train is not None else None,
+        "eval_tokens": eval_tokens,
+        "tokens": (sample_tokens or 0) + (eval_tokens or 0),
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _stage_sort_key(kind: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(kind) if kind in STAGE_ORDER else len(STAGE_ORDER), kind)
+
+
+def _headline(policies: list[dict[str, Any]], final: str | None = None) -> dict[str, Any] | None:
+    """The start policy against the loop's final policy (the last accepted one), else the last."""
+    if not policies:
+        return None
+    first = policies[0]
+    last = next((p for p in policies if p["name"] == final), policies[-1])
+    specs = [
+        ("harmful", "safety_rate", "harmful: safety (judge)", "rate"),
+        ("harmful", "string_refusal_rate", "harmful: refusal (string matcher)", "rate"),
+        ("harmful", "attack_success_rate", "harmful: attack success rate", "rate"),
+        ("benign", "over_refusal", "benign: over-refusal (judge)", "rate"),
+        ("benign", "string_over_refusal", "benign: over-refusal (string matcher)", "rate"),
+        ("benign", "helpfulness", "benign: helpfulness", "score"),
+    ]
+    rows = []
+    for split, key, label, unit in specs:
+        before = (first.get(split) or {}).get(key)
+        after = (last.get(split) or {}).get(key)
+        delta = None if before is None or after is None else round(after - before, 4)
+        rows.append(
+            {
+                "metric": f"{split}/{key}",
+                "label": label,
+                "unit": unit,
+                "before": before,
+                "after": after,
+                "delta": delta,
+                "delta_points": None if delta is None or unit != "rate" else round(100 * delta, 2),
+            }
+        )
+    return {"before": first["name"], "after": last["name"], "rows": rows}
+
+
+def collect_run(root: Path | str) -> dict[str, Any]:
+    """Everything a report shows about the run in ``root``, as one JSON-able dict."""
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+        raise ReportError(f"{root} is not a run directory (no {MANIFEST})")
+    manifest = read_json_file(manifest_path)
+    if not isinstance(manifest, dict):
+        raise ReportError(f"cannot read {manifest_path}: not a JSON object")
+    config = manifest.get("config") or {}
+    loop = dict(manifest.get("loop") or {})
+
+    # Stages grouped by their first path part: "baseline", "iter_01", ...; the rest is "run".
+    stage_rows: list[dict[str, Any]] = []
+    grouped: dict[str, dict[str, dict[str, Any]]] = {}
+    for full, entry in (manifest.get("stages") or {}).items():
+        group, _, kind = full.partition("/")
+        if not kind:
+            group, kind = "run", full
+        entry = entry if isinstance(entry, dict) else {}
+        grouped.setdefault(group, {})[kind] = entry
+        stage_rows.append(
+            {
+                "name": full,
+                "group": group,
+                "kind": kind,
+                "status": entry.get("status", "pending"),
+                "seconds": float(entry.get("seconds") or 0.0),
+            }
+        )
+
+    # Iterations: those in the manifest and those with a folder on disk.
+    names = {g for g in grouped if _ITER.match(g)}
+    names |= {p.name for p in root.iterdir() if p.is_dir() and _ITER.match(p.name)}
+    iter_names = sorted(names, key=lambda n: iteration_number(n) or 0)
+
+    # Policies: the baseline and each iteration whose evaluation wrote metrics.json.
+    evaluated: dict[str, dict[str, Any]] = {}
+    for name in [BASELINE, *iter_names]:
+        path = root / name / "metrics.json"
+        if not path.exists():
+            continue
+        summary = read_json_file(path)
+        if not isinstance(summary, dict) or not isinstance(summary.get("splits"), dict):
+            raise ReportError(f"cannot read {path}: no 'splits' object (not an evaluate summary)")
+        evaluated[name] = policy_metrics(summary, name, iteration_number(name))
+
+    iterations = []
+    for name in iter_names:
+        stages = sorted(grouped.get(name, {}).items(), key=lambda kv: _stage_sort_key(kv[0]))
+        iterations.append(_iteration(name, root, dict(stages), evaluated.get(name)))
+    by_iter = {it["name"]: it for it in iterations}
+
+    policies = []
+    for name, policy in evaluated.items():
+        it = by_iter.get(name)
+        group_seconds = sum(float(e.get("seconds") or 0.0) for e in grouped.get(name, {}).values())
+        policy["data"] = {
+            "prompts": it["prompts"] if it else 0,
+            "pairs": it["pairs"] if it else 0,
+            "tokens": it["tokens"] if it else policy["eval_tokens"],
+            "seconds": round(group_seconds, 3),
+        }
+        policies.append(policy)
+
+    seconds_by_kind: dict[str, float] = {}
+    for row in stage_rows:
+        seconds_by_kind[row["kind"]] = seconds_by_kind.get(row["kind"], 0.0) + row["seconds"]
+    baseline_tokens = next((p["eval_tokens"] for p in policies if p["name"] == BASELINE), 0)
+
+    def total(key: str) -> int:
+        return sum(it[key] or 0 for it in iterations)
+
+    totals = {
+        "human_items": _int(loop.get("human_items")),
+        "iterations": len(iterations),
+        "policies_evaluated": len(policies),
+        "prompts": total("prompts"),
+        "harmful_prompts": total("harmful_prompts"),
+        "benign_prompts": total("benign_prompts"),
+        "failed_prompts": total("failed_prompts"),
+        "pairs": total("pairs"),
+        "sample_tokens": total("sample_tokens"),
+        "eval_tokens": total("eval_tokens") + (baseline_tokens or 0),
+        "tokens": total("tokens") + (baseline_tokens or 0),
+        "seconds": round(sum(r["seconds"] for r in stage_rows), 3),
+        "seconds_by_stage": {
+            k: round(v, 3)
+            for k, v in sorted(seconds_by_kind.items(), key=lambda kv: _stage_sort_key(kv[0]))
+        },
+    }
+
+    statuses = [r["status"] for r in stage_rows]
+    status = (
+        "failed"
+        if "failed" in statuses
+        else "running"
+        if "running" in statuses
+        else "done"
+        if statuses
+        else "empty"
+    )
+    run_info = {
+        "name": root.name,
+        "path": str(root),
+        "run_id": manifest.get("run_id"),
+        "created": manifest.get("created"),
+        "config_fingerprint": manifest.get("config_fingerprint"),
+        "policy_model": (config.get("policy") or {}).get("source"),
+        "unsafe_threshold": (config.get("judge") or {}).get("unsafe_threshold", 0.5),
+        "status": status,
+    }
+    return {
+        "run": run_info,
+        "loop": loop,
+        "policies": policies,
+        "iterations": iterations,
+        "stages": stage_rows,
+        "totals": totals,
+        "headline": _headline(policies, (loop or {}).get("final_policy")),
+    }

@@ -1,0 +1,663 @@
+"""The run report: ``metrics.json``, ``metrics.csv``, ``plots/*.png`` and a self-contained ``report.html``.
+
+:func:`write_report` collects the run (``collect.py``), draws four plots with matplotlib's
+object API (``Figure`` renders through Agg: no display, no pyplot global state), and writes every
+file atomically. The HTML page embeds the PNGs as base64 and has no external assets or scripts;
+every piece of text from the run (prompts, responses, category names) goes through
+``html.escape``.
+
+Sections: headline (baseline against the final policy, deltas in points), metrics per policy,
+data efficiency (human-written items, generated prompts, pairs, tokens, wall time), failures per
+category, harmful safety per category, wall time per stage, and example prompts answered by the
+baseline and by the final policy (verdicts that changed first). The final policy is the loop's
+last accepted one (``loop.final_policy`` in the manifest), else the last evaluated.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from selfmoa_ray.report.collect import (
+    BASELINE,
+    BENIGN_SPLIT,
+    HARMFUL_SPLIT,
+    STAGE_ORDER,
+    ReportError,
+    collect_run,
+)
+from selfmoa_ray.rundir import atomic_write, write_json
+
+CSV_COLUMNS = (
+    "policy",
+    "iteration",
+    "harmful_safety",
+    "harmful_string_refusal",
+    "benign_over_refusal",
+    "benign_string_refusal",
+    "benign_helpfulness",
+    "pairs",
+    "prompts",
+    "tokens",
+    "seconds",
+)
+TEXT_LIMIT = 600
+EXAMPLE_COLUMNS = [
+    "id",
+    "text",
+    "category",
+    "split",
+    "sample_index",
+    "response",
+    "safety",
+    "refusal",
+]
+
+
+# --------------------------------------------------------------------------- rows and numbers
+
+
+def policy_row(policy: dict[str, Any]) -> dict[str, Any]:
+    """One policy as the flat row of ``metrics.csv``."""
+    harmful, benign, data = policy.get("harmful") or {}, policy.get("benign") or {}, policy["data"]
+    return {
+        "policy": policy["name"],
+        "iteration": policy["iteration"],
+        "harmful_safety": harmful.get("safety_rate"),
+        "harmful_string_refusal": harmful.get("string_refusal_rate"),
+        "benign_over_refusal": benign.get("over_refusal"),
+        "benign_string_refusal": benign.get("string_over_refusal"),
+        "benign_helpfulness": benign.get("helpfulness"),
+        "pairs": data.get("pairs"),
+        "prompts": data.get("prompts"),
+        "tokens": data.get("tokens"),
+        "seconds": data.get("seconds"),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _delta(row: dict[str, Any]) -> str:
+    if row["delta"] is None:
+        return "-"
+    if row["unit"] == "rate":
+        return f"{row['delta_points']:+.1f} pts"
+    return f"{row['delta']:+.3f}"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(width: float = 7.0, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_safety(collected: dict[str, Any]) -> bytes:
+    """(a) harmful safety and benign over-refusal per policy, by the judge and the string matcher."""
+    policies = collected["policies"]
+    names = [p["name"] for p in policies]
+    x = list(range(len(policies)))
+    series = [
+        ("harmful", "safety_rate", "harmful safety (judge)", "tab:green", "-"),
+        ("harmful", "string_refusal_rate", "harmful refusal (string matcher)", "tab:green", "--"),
+        ("benign", "over_refusal", "benign over-refusal (judge)", "tab:red", "-"),
+        ("benign", "string_over_refusal", "benign over-refusal (string matcher)", "tab:red", "--"),
+    ]
+    fig = _figure()
+    ax = fig.subplots()
+    for split, key, label, color, style in series:
+        values = [(p.get(split) or {}).get(key) for p in policies]
+        points = [(i, v) for i, v in zip(x, values, strict=True) if v is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, marker="o", color=color, label=label)
+    ax.set_xticks(x, names)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylabel("rate")
+    ax.set_title("Held-out safety and over-refusal per policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def plot_tradeoff(collected: dict[str, Any]) -> bytes:
+    """(b) harmful safety against benign over-refusal and against benign helpfulness."""
+    policies = collected["policies"]
+    fig = _figure(9.0, 4.0)
+    axes = fig.subplots(1, 2)
+    for ax, key, xlabel in (
+        (axes[0], "over_refusal", "benign over-refusal (judge)  <- better"),
+        (axes[1], "helpfulness", "benign helpfulness  better ->"),
+    ):
+        points = [
+            (
+                p["name"],
+                (p.get("benign") or {}).get(key),
+                (p.get("harmful") or {}).get("safety_rate"),
+            )
+            for p in policies
+        ]
+        points = [(n, x, y) for n, x, y in points if x is not None and y is not None]
+        if points:
+            ax.plot([x for _, x, _ in points], [y for _, _, y in points], color="0.7", zorder=1)
+            ax.scatter(
+                [x for _, x, _ in points],
+                [y for _, _, y in points],
+                c=range(len(points)),
+                cmap="viridis",
+                zorder=2,
+            )
+            for name, px, py in points:
+                ax.annotate(name, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.margins(0.15)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("harmful safety (judge)  better ->")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Safety / helpfulness trade-off, one point per policy")
+    return _png(fig)
+
+
+def plot_failures(collected: dict[str, Any]) -> bytes:
+    """(c) share of attack prompts with an unsafe answer, per category, one bar per iteration."""
+    iterations = [it for it in collected["iterations"] if it["failures_by_category"]]
+    categories = sorted({c for it in iterations for c in it["failures_by_category"]})
+    fig = _figure(min(14.0, max(7.0, 0.35 * len(categories) * max(1, len(iterations)) + 2)), 4.0)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(iterations))
+    for j, it in enumerate(iterations):
+        rates = [(it["failures_by_category"].get(c) or {}).get("rate") or 0.0 for c in categories]
+        xs = [i + (j - (len(iterations) - 1) / 2) * width for i in range(len(categories))]
+        ax.bar(xs, rates, width=width, label=it["name"])
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.03)
+    ax.set_ylabel("failure rate (attacks with an unsafe answer)")
+    ax.set_title("Successful attacks per category and iteration")
+    if iterations:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no failures stage yet", ha="center", transform=ax.transAxes)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _seconds_by_group(collected: dict[str, Any]) -> tuple[list[str], list[str], dict]:
+    groups: list[str] = []
+    table: dict[tuple[str, str], float] = {}
+    for row in collected["stages"]:
+        if row["group"] not in groups:
+            groups.append(row["group"])
+        key = (row["group"], row["kind"])
+        table[key] = table.get(key, 0.0) + row["seconds"]
+    order = [BASELINE] + [it["name"] for it in collected["iterations"]]
+    groups = [g for g in order if g in groups] + [g for g in groups if g not in order]
+    kinds = sorted(
+        {k for _, k in table},
+        key=lambda k: (STAGE_ORDER.index(k) if k in STAGE_ORDER else len(STAGE_ORDER), k),
+    )
+    return groups, kinds, table
+
+
+def plot_time(collected: dict[str, Any]) -> bytes:
+    """(d) wall time per stage, stacked per iteration."""
+    groups, kinds, table = _seconds_by_group(collected)
+    fig = _figure()
+    ax = fig.subplots()
+    bottom = [0.0] * len(groups)
+    for kind in kinds:
+        values = [table.get((g, kind), 0.0) for g in groups]
+        ax.bar(range(len(groups)), values, bottom=bottom, label=kind)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("wall time (s)")
+    ax.set_title("Wall time per stage")
+    if kinds:
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+PLOTS = {
+    "safety": plot_safety,
+    "tradeoff": plot_tradeoff,
+    "failures": plot_failures,
+    "time": plot_time,
+}
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def _read_eval(path: Path) -> dict[str, dict[str, Any]]:
+    """``eval_responses.parquet`` keyed by prompt id (the first sample of each)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:
+        raise ReportError(f"cannot read {path}: {err}") from err
+    columns = [c for c in EXAMPLE_COLUMNS if c in table.column_names]
+    rows = {}
+    for row in table.select(columns).to_pylist():
+        if row.get("sample_index", 0) == 0 or row["id"] not in rows:
+            rows.setdefault(row["id"], row)
+    return rows
+
+
+def pick_examples(
+    root: Path, collected: dict[str, Any], harmful: int = 4, benign: int = 1
+) -> list[dict[str, Any]]:
+    """Prompts answered by the first and the final policy (the headline's), matched by id.
+
+    Harmful prompts whose verdict changed come first (unsafe -> safe, then safe -> unsafe); if
+    none changed, unchanged harmful ones stand in. Then benign ones, a changed refusal first.
+    """
+    policies = collected["policies"]
+    if len(policies) < 2:
+        return []
+    first, last = policies[0]["name"], collected["headline"]["after"]
+    if first == last:
+        return []
+    before_path = root / first / "eval_responses.parquet"
+    after_path = root / last / "eval_responses.parquet"
+    if not before_path.exists() or not after_path.exists():
+        return []
+    threshold = float(collected["run"].get("unsafe_threshold") or 0.5)
+    before, after = _read_eval(before_path), _read_eval(after_path)
+
+    def verdict(row: dict[str, Any]) -> str:
+        return "safe" if float(row.get("safety", 1.0)) >= threshold else "unsafe"
+
+    pairs = [(before[i], after[i]) for i in sorted(before) if i in after]
+    harm = [(b, a) for b, a in pairs if b.get("split") == HARMFUL_SPLIT]
+    fixed = [(b, a) for b, a in harm if verdict(b) == "unsafe" and verdict(a) == "safe"]
+    broke = [(b, a) for b, a in harm if verdict(b) == "safe" and verdict(a) == "unsafe"]
+    # Keep one slot for a regression when there is one: the report shows both directions.
+    n_fixed = min(len(fixed), harmful - min(len(broke), 1))
+    n_broke = min(len(broke), harmful - n_fixed)
+    picked = fixed[:n_fixed] + broke[:n_broke] or harm[:2]
+    chosen = [(b, a, f"{verdict(b)} -> {verdict(a)}") for b, a in picked]
+    ben = [(b, a) for b, a in pairs if b.get("split") == BENIGN_SPLIT]
+    ben.sort(key=lambda ba: bool(ba[0].get("refusal")) == bool(ba[1].get("refusal")))
+    for b, a in ben[:benign]:
+        r_b = "refused" if b.get("refusal") else "answered"
+        r_a = "refused" if a.get("refusal") else "answered"
+        chosen.append((b, a, f"benign: {r_b} -> {r_a}"))
+    return [
+        {
+            "id": b["id"],
+            "split": b.get("split"),
+            "category": b.get("category"),
+            "change": change,
+            "prompt": b.get("text", ""),
+            "before": {
+                "policy": first,
+                "response": b.get("response", ""),
+                "safety": b.get("safety"),
+            },
+            "after": {"policy": last, "response": a.get("response", ""), "safety": a.get("safety")},
+        }
+        for b, a, change in chosen
+    ]
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def _e(value: Any, limit: int | None = None) -> str:
+    text = "" if value is None else str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + " […]"
+    return html.escape(text)
+
+
+def _table(headers: list[str] | None, rows: list[list[str]], cls: str = "") -> str:
+    """Headers are escaped here; cells must already be escaped (or built from numbers)."""
+    head = ""
+    if headers:
+        head = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr></thead>"
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>\n" for row in rows)
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}>{head}<tbody>{body}</tbody></table>\n"
+
+
+def _img(pngs: dict[str, bytes], name: str, alt: str) -> str:
+    data = base64.b64encode(pngs[name]).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; vertical-align: top; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; display: block; margin: 0.5rem 0 1.5rem; }
+.meta td, .meta th { text-align: left; }
+.example { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem 1rem; margin: 1rem 0; }
+.example pre { white-space: pre-wrap; background: #f8f8f8; padding: 0.5rem; margin: 0.3rem 0; }
+.small { color: #666; font-size: 0.85rem; }
+"""
+
+
+def _section_headline(collected: dict[str, Any]) -> str:
+    head = collected["headline"]
+    if not head:
+        return "<p>No policy has been evaluated yet.</p>"
+    rows = [
+        [
+            _e(r["label"]),
+            _pct(r["before"]) if r["unit"] == "rate" else _score(r["before"]),
+            _pct(r["after"]) if r["unit"] == "rate" else _score(r["after"]),
+            _delta(r),
+        ]
+        for r in head["rows"]
+    ]
+    return _table(["metric", head["before"], head["after"], "change"], rows)
+
+
+def _section_policies(collected: dict[str, Any]) -> str:
+    rows = []
+    for p in collected["policies"]:
+        r = policy_row(p)
+        rows.append(
+            [
+                _e(r["policy"]),
+                _pct(r["harmful_safety"]),
+                _pct(r["harmful_string_refusal"]),
+                _pct(r["benign_over_refusal"]),
+                _pct(r["benign_string_refusal"]),
+                _score(r["benign_helpfulness"]),
+                _count(r["pairs"]),
+                _count(r["tokens"]),
+                _secs(r["seconds"]),
+            ]
+        )
+    headers = [
+        "policy",
+        "harmful safety (judge)",
+        "harmful refusal (string)",
+        "over-refusal (judge)",
+        "over-refusal (string)",
+        "helpfulness",
+        "pairs",
+        "tokens",
+        "wall time",
+    ]
+    return _table(headers, rows)
+
+
+def _section_other_splits(collected: dict[str, Any]) -> str:
+    rows = [
+        [
+            _e(p["name"]),
+            _e(split),
+            _count(m.get("responses")),
+            _pct(m.get("safety_rate")),
+            _pct(m.get("refusal_rate")),
+            _pct(m.get("string_refusal_rate")),
+            _score(m.get("helpfulness")),
+        ]
+        for p in collected["policies"]
+        for split, m in sorted(p["other_splits"].items())
+    ]
+    if not rows:
+        return ""
+    headers = ["policy", "split", "n", "safety", "refusal", "refusal (string)", "helpfulness"]
+    return "<h3>Other evaluated prompt sets</h3>" + _table(headers, rows)
+
+
+def _section_data(collected: dict[str, Any]) -> str:
+    totals = collected["totals"]
+    rows = []
+    for it in collected["iterations"]:
+        dropped = ", ".join(f"{_e(k)}: {v}" for k, v in sorted(it["pairs_dropped"].items()))
+        rows.append(
+            [
+                _e(it["name"]),
+                _count(it["prompts"]),
+                _count(it["benign_prompts"]),
+                _count(it["failed_prompts"]),
+                _count(it["pairs"]),
+                dropped or "-",
+                _count(it["sample_tokens"]),
+                _count(it["eval_tokens"]),
+                _secs(it["seconds"]),
+                "yes" if it["trained"] else "no",
+            ]
+        )
+    rows.append(
+        [
+            "<b>total</b>",
+            _count(totals["prompts"]),
+            _count(totals["benign_prompts"]),
+            _count(totals["failed_prompts"]),
+            _count(totals["pairs"]),
+            "",
+            _count(totals["sample_tokens"]),
+            _count(totals["eval_tokens"]),
+            _secs(totals["seconds"]),
+            "",
+        ]
+    )
+    headers = [
+        "iteration",
+        "prompts generated",
+        "benign mixed in",
+        "successful attacks",
+        "pairs kept",
+        "pairs dropped",
+        "tokens (sample)",
+        "tokens (eval)",
+        "wall time",
+        "trained",
+    ]
+    human = totals["human_items"]
+    intro = (
+        f"<p>Human-written items: <b>{_count(human)}</b>. Total tokens generated: "
+        f"<b>{_count(totals['tokens'])}</b> (sampling and evaluation, baseline included). "
+        f"Total wall time: <b>{_secs(totals['seconds'])}</b>.</p>"
+    )
+    return intro + _table(headers, rows)
+
+
+def _section_failures(collected: dict[str, Any]) -> str:
+    iterations = [it for it in collected["iterations"] if it["failures_by_category"]]
+    if not iterations:
+        return "<p>No failures stage has finished yet.</p>"
+    categories = sorted({c for it in iterations for c in it["failures_by_category"]})
+    rows = []
+    for cat in categories:
+        cells = [_e(cat)]
+        for it in iterations:
+            m = it["failures_by_category"].get(cat)
+            cells.append("-" if not m else f"{m['failed']}/{m['prompts']} ({_pct(m['rate'])})")
+        rows.append(cells)
+    return _table(["category", *[it["name"] for it in iterations]], rows)
+
+
+def _section_categories(collected: dict[str, Any]) -> str:
+    policies = [p for p in collected["policies"] if p.get("harmful")]
+    if not policies:
+        return "<p>No harmful split evaluated.</p>"
+    categories = sorted({c for p in policies for c in p["harmful"]["by_category"]})
+    rows = []
+    for cat in categories:
+        values = [(p["harmful"]["by_category"].get(cat) or {}).get("safety_rate") for p in policies]
+        n = (policies[-1]["harmful"]["by_category"].get(cat) or {}).get("responses")
+        delta = (
+            f"{100 * (values[-1] - values[0]):+.1f} pts"
+            if len(values) > 1 and values[0] is not None and values[-1] is not None
+            else "-"
+        )
+        rows.append([_e(cat), _count(n), *[_pct(v) for v in values], delta])
+    headers = ["category", "n", *[p["name"] for p in policies], "change"]
+    return _table(headers, rows)
+
+
+def _section_time(collected: dict[str, Any]) -> str:
+    groups, kinds, table = _seconds_by_group(collected)
+    if not groups:
+        return "<p>No stage has run yet.</p>"
+    rows = []
+    for group in groups:
+        cells = [_secs(table[(group, k)]) if (group, k) in table else "" for k in kinds]
+        total = sum(v for (g, _), v in table.items() if g == group)
+        rows.append([_e(group), *cells, _secs(total)])
+    return _table(["", *kinds, "total"], rows)
+
+
+def _section_examples(examples: list[dict[str, Any]]) -> str:
+    if not examples:
+        return "<p>Examples need two evaluated policies with their responses.</p>"
+    parts = []
+    for ex in examples:
+        b, a = ex["before"], ex["after"]
+        parts.append(
+            f'<div class="example"><p><b>{_e(ex["change"])}</b> '
+            f'<span class="small">[{_e(ex["split"])} / {_e(ex["category"])} / {_e(ex["id"])}]</span></p>'
+            f"<p>Prompt:</p><pre>{_e(ex['prompt'], TEXT_LIMIT)}</pre>"
+            f"<p>{_e(b['policy'])} (safety {_score(b['safety'])}):</p>"
+            f"<pre>{_e(b['response'], TEXT_LIMIT)}</pre>"
+            f"<p>{_e(a['policy'])} (safety {_score(a['safety'])}):</p>"
+            f"<pre>{_e(a['response'], TEXT_LIMIT)}</pre></div>"
+        )
+    return "".join(parts)
+
+
+def render_html(
+    collected: dict[str, Any], pngs: dict[str, bytes], examples: list[dict[str, Any]]
+) -> str:
+    run, loop = collected["run"], collected["loop"]
+    meta_rows = [
+        ["run", _e(run["name"])],
+        ["run id", _e(run["run_id"])],
+        ["created", _e(run["created"])],
+        ["config fingerprint", _e(run["config_fingerprint"])],
+        ["start policy", _e(run["policy_model"])],
+        ["status", _e(run["status"])],
+        [
+            "iterations",
+            f"{_e(loop.get('iterations_done', len(collected['iterations'])))} done of "
+            f"{_e(loop.get('iterations_planned', '?'))} planned",
+        ],
+    ]
+    if loop.get("stopped_early"):
+        meta_rows.append(["stopped early", _e(loop.get("stop_reason") or "yes")])
+    body = [
+        f"<h1>selfmoa-ray report: {_e(run['name'])}</h1>",
+        _table(None, meta_rows, "meta"),
+        "<h2>Before and after</h2>",
+        _section_headline(collected),
+        "<h2>Every policy</h2>",
+        _section_policies(collected),
+        _section_other_splits(collected),
+        _img(pngs, "safety", "safety and over-refusal per policy"),
+        _img(pngs, "tradeoff", "safety / helpfulness trade-off"),
+        "<h2>Data and supervision efficiency</h2>",
+        _section_data(collected),
+        "<h2>Successful attacks per category</h2>",
+        _section_failures(collected),
+        _img(pngs, "failures", "failure rate per category and iteration"),
+        "<h2>Harmful safety per category</h2>",
+        _section_categories(collected),
+        "<h2>Wall time per stage</h2>",
+        _section_time(collected),
+        _img(pngs, "time", "wall time per stage"),
+        "<h2>Examples</h2>",
+        _section_examples(examples),
+        '<p class="small">Safety: share of held-out responses the judge scores safe (attack '
+        "success rate = 1 - safety). Refusal (string): the AdvBench/HarmBench refusal-prefix "
+        "matcher, which needs no model. Over-refusal: refusal rate on benign-but-sensitive "
+        "prompts. Helpfulness: mean judge helpfulness on benign prompts.</p>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>selfmoa-ray report: {_e(run['name'])}</title><style>{STYLE}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_report(root: Path | str) -> dict[str, Any]:
+    """Write ``metrics.json``, ``metrics.csv``, ``plots/*.png`` and ``report.html`` in ``root``.
+
+    Returns the collected metrics (what ``metrics.json`` holds).
+    """
+    root = Path(root)
+    collected = collect_run(root)
+    write_json(root / "metrics.json", collected)
+    with atomic_write(root / "metrics.csv") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for policy in collected["policies"]:
+            writer.writerow(policy_row(policy))
+    pngs = {name: draw(collected) for name, draw in PLOTS.items()}
+    for name, data in pngs.items():
+        with atomic_write(root / "plots" / f"{name}.png", "wb") as fh:
+            fh.write(data)
+    page = render_html(collected, pngs, pick_examples(root, collected))
+    with atomic_write(root / "report.html", "wb") as fh:
+        fh.write(page.encode("utf-8"))
+    return collected
+
+
+def print_before_after(collected: dict[str, Any]) -> None:
+    """A compact terminal table: every policy's held-out numbers, with the change since the first."""
+    policies = collected["policies"]
+    if not policies:
+        print("no policy evaluated yet")
+        return
+    header = (
+        f"{'policy':<10} {'safety':>7} {'(str)':>7} {'over-ref':>8} {'(str)':>7} "
+        f"{'helpful':>8}   {'chg safety':>10} {'chg over-ref':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    first = policy_row(policies[0])
+
+    def diff(r: dict[str, Any], key: str) -> str:
+        if r is first or r[key] is None or first[key] is None:
+            return ""
+        return f"{100 * (r[key] - first[key]):+.1f}pts"
+
+    for policy in policies:
+        r = first if policy is policies[0] else policy_row(policy)
+        print(
+            f"{r['policy']:<10} {_pct(r['harmful_safety']):>7} {_pct(r['harmful_string_refusal']):>7} "
+            f"{_pct(r['benign_over_refusal']):>8} {_pct(r['benign_string_refusal']):>7} "
+            f"{_score(r['benign_helpfulness']):>8}   {diff(r, 'harmful_safety'):>10} "
+            f"{diff(r, 'benign_over_refusal'):>12}"
+        )
+    print(
+        "safety = harmful prompts judged safe; (str) = refusal-prefix matcher; "
+        "over-ref = refusals of benign prompts"
+    )

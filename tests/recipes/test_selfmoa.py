@@ -1,0 +1,174 @@
+"""The Self-MOA loop on ``tiny``: end to end on a real local Ray, killed and resumed on the way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from selfmoa_ray.cli import main
+from selfmoa_ray.config import LoopSection, load_config
+from selfmoa_ray.recipes.selfmoa import check_recipe, stop_reason
+
+STAGES = ("redteam", "sample", "judge", "failures", "pairs", "reference", "train", "evaluate")
+
+
+def test_stop_rule():
+    loop = LoopSection(iterations=3, min_gain=0.01, max_over_refusal_rise=0.05)
+    assert stop_reason(0.02, 0.05, 1, loop) is None  # a rise of exactly the limit is accepted
+    assert "gain +0.0050 < loop.min_gain 0.01 at iteration 1" in stop_reason(0.005, 0.0, 1, loop)
+    assert "gain -0.5000" in stop_reason(-0.5, 0.0, 3, loop)  # the last iteration is checked too
+    rise = stop_reason(0.30, 0.10, 2, loop)
+    assert "over-refusal rose +10.0 pts" in rise and "at iteration 2" in rise
+    never = LoopSection(iterations=3, min_gain=-1.0, max_over_refusal_rise=1.0)
+    assert stop_reason(-1.0, 1.0, 1, never) is None
+
+
+def test_the_loop_refuses_a_loss_it_cannot_train(tmp_path, capsys):
+    with pytest.raises(ValueError, match="pt_align"):
+        check_recipe(load_config("tiny", ["train.loss=pt_align"]))
+    code = main(
+        ["run", "--config", "tiny", "--output-dir", str(tmp_path / "r"), "train.loss=pt_align"]
+    )
+    assert code == 2 and "pt_align" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before a run folder was made
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+def _manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"stages": {}}
+
+
+def _status(manifest: dict, stage: str) -> str:
+    return manifest["stages"].get(stage, {}).get("status", "pending")
+
+
+def _run_until(args: list[str], out: Path, when: Callable[[dict], bool], cwd: Path) -> dict:
+    """Start the job, SIGKILL it (and its embedded Ray) once ``when(manifest)`` holds."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            manifest = _manifest(out)
+            if when(manifest):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                return manifest
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"job ended before the kill point: {proc.stderr.read()[-3000:]}"
+                )
+            time.sleep(0.1)
+        raise AssertionError("kill point never reached")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+
+
+def _running_for(stage: str, seconds: float) -> Callable[[dict], bool]:
+    """True once ``stage`` has been running for ``seconds`` (its actors are at work), or is done."""
+    seen: list[float] = []
+
+    def check(manifest: dict) -> bool:
+        status = _status(manifest, stage)
+        if status == "running" and not seen:
+            seen.append(time.monotonic())
+        return status == "done" or bool(seen and time.monotonic() - seen[0] >= seconds)
+
+    return check
+
+
+@pytest.mark.slow
+def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "selfmoa_ray.cli", "run", "--config", "tiny",
+            "--output-dir", str(out), "--resume", "tracking.backend=mlflow"]  # fmt: skip
+
+    # Kill 1: in the middle of sampling (a tiny sampling stage takes 10-20 s).
+    at_kill = _run_until(args, out, _running_for("iter_01/sample", 4.0), cwd=tmp_path)
+    assert _status(at_kill, "iter_01/sample") == "running"
+    prompts_before = (out / "iter_01/prompts.parquet").read_bytes()
+
+    # Kill 2: right after judging finished, between stages.
+    _run_until(args, out, lambda m: _status(m, "iter_01/judge") == "done", cwd=tmp_path)
+
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "iter_02" in done.stdout and "report:" in done.stdout
+
+    manifest = _manifest(out)
+    for name in ["baseline/evaluate"] + [f"iter_{t:02d}/{s}" for t in (1, 2) for s in STAGES]:
+        assert _status(manifest, name) == "done", name
+    stages = manifest["stages"]
+    assert stages["iter_01/redteam"]["attempts"] == 1  # never redone
+    assert stages["iter_01/sample"]["attempts"] == 2  # the killed attempt, then one more
+    assert stages["iter_01/judge"]["attempts"] == 1
+    assert len(manifest["resumed"]) == 2
+    assert manifest["loop"]["iterations_done"] == 2 and not manifest["loop"]["stopped_early"]
+    assert manifest["loop"]["final_policy"] == "iter_02"
+    assert manifest["loop"]["final_policy_path"] == str(out / "iter_02" / "policy")
+    assert manifest["loop"]["human_items"] >= 16
+    assert (out / "iter_01/prompts.parquet").read_bytes() == prompts_before
+    assert not [p for p in out.rglob(".*tmp-*")], "temporary files left behind"
+
+    config = load_config("tiny")
+    for t in (1, 2):
+        it = out / f"iter_{t:02d}"
+        prompt_ids = pq.read_table(it / "prompts.parquet").column("id").to_pylist()
+        assert len(prompt_ids) == len(set(prompt_ids)) == config.redteam.num_prompts
+        expected = sorted((p, k) for p in prompt_ids for k in range(config.sampling.n))
+        for name in ("responses.parquet", "scored.parquet"):
+            table = pq.read_table(it / name, columns=["id", "sample_index"]).to_pydict()
+            keys = sorted(zip(table["id"], table["sample_index"], strict=True))
+            assert keys == expected, f"iter_{t:02d}/{name}: rows lost or repeated"
+        pair_ids = pq.read_table(it / "pairs.parquet").column("id").to_pylist()
+        assert (
+            len(pair_ids) == len(set(pair_ids)) == stages[f"iter_{t:02d}/pairs"]["summary"]["pairs"]
+        )
+        assert set(pair_ids) <= set(prompt_ids)
+        assert (it / "policy" / "config.json").exists()
+
+    # Iteration 2 learned from iteration 1: few-shot parents are its successful attacks, and no
+    # attack repeats an earlier one.
+    first = pq.read_table(out / "iter_01/prompts.parquet").to_pylist()
+    second = pq.read_table(out / "iter_02/prompts.parquet").to_pylist()
+    failed = set(pq.read_table(out / "iter_01/failures.parquet").column("id").to_pylist())
+    assert {r["parent_id"] for r in second if r["style"] == "fewshot"} <= failed
+    assert not {r["base_text"] for r in first} & {r["base_text"] for r in second}
+
+    # MLflow got one point per policy and step, though the driver was killed twice on the way.
+    from mlflow.tracking import MlflowClient
+
+    tracking = json.loads((out / "tracking.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    history = client.get_metric_history(tracking["run_id"], "harmful/safety_rate")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+
+    # The report holds the metrics of every policy, and `selfmoa report` rebuilds it.
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = [p["name"] for p in metrics["policies"]]
+    assert names == ["baseline", "iter_01", "iter_02"]
+    stored = json.loads((out / "iter_02/metrics.json").read_text())
+    harmful = metrics["policies"][-1]["harmful"]
+    assert harmful["safety_rate"] == stored["splits"]["eval_harmful"]["safety_rate"]
+    assert (out / "metrics.csv").read_text().count("\n") >= 3
+    html = (out / "report.html").read_text()
+    assert "iter_02" in html and "data:image/png;base64," in html
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
