@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from selfmoa_ray.config import Config, LoopSection, ModelSection
 from selfmoa_ray.engines.base import SamplingParams
-from selfmoa_ray.report.collect import collect_run
+from selfmoa_ray.report.collect import BASELINE, BENIGN_SPLIT, HARMFUL_SPLIT, collect_run
 from selfmoa_ray.report.html import write_report
 from selfmoa_ray.report.tracking import flat_metrics, make_tracker
 from selfmoa_ray.rundir import RunDir
@@ -42,10 +42,6 @@ from selfmoa_ray.stages.sample import sample
 from selfmoa_ray.stages.train import train
 
 log = logging.getLogger(__name__)
-
-BASELINE = "baseline"
-HARMFUL_SPLIT = "eval_harmful"
-BENIGN_SPLIT = "eval_benign"
 
 
 def iteration_dir(t: int) -> str:
