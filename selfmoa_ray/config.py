@@ -78,6 +78,13 @@ class SamplingSection(Section):
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
+    guide_prompt: str | None = Field(
+        None,
+        min_length=1,
+        description="safety context distillation (Llama 2, Touvron et al. 2023, 4.2.4): when "
+        "set, each prompt is also answered n times under this system prompt; pairs and training "
+        "use the bare prompt, so what the guide elicits is distilled into the policy",
+    )
 
 
 class DataSection(Section):
@@ -134,6 +141,52 @@ class RedteamSection(Section):
     max_prompt_chars: int = Field(
         1500, ge=64, description="jailbreak templates longer than this are not used"
     )
+    dedup: DedupSection = DedupSection()
+
+
+class PTAlignSection(Section):
+    """PT-ALIGN data generation from a small human-seed file (design.md 2.2)."""
+
+    # "packaged" (selfmoa_ray/sources/pt_align_seeds.yaml) or a path to your own seed YAML.
+    seeds: str = "packaged"
+    max_human_items: int = Field(
+        49, ge=1, description="refuse a seed file with more human-written items than this"
+    )
+    generator: ModelSection | None = None  # None: the current policy writes its own data
+    topics_per_domain: int = Field(4, ge=1)
+    instructions_per_topic: int = Field(3, ge=1)
+    critique_rounds: int = Field(
+        1, ge=0, description="critique-and-revise rounds for each positive answer"
+    )
+    refine_rounds: int = Field(1, ge=0, description="refine rounds for each toxic answer")
+    min_topic_overlap: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="share of a generated instruction's content words that must come from its "
+        "topic, domain or demonstrations; below it the instruction is dropped",
+    )
+    temperature: float = Field(0.9, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1, description="per answer, critique or revision")
+    min_positive_safety: float = Field(
+        0.5, ge=0, le=1, description="filter: a positive answer must be judged at least this safe"
+    )
+    min_positive_helpfulness: float = Field(
+        0.2, ge=0, le=1,
+        description="filter: a positive answer judged a refusal must be at least this helpful "
+        "(drops needless bare refusals)",
+    )  # fmt: skip
+    max_toxic_safety: float = Field(
+        0.5, ge=0, le=1, description="filter: a toxic answer must be judged below this safety"
+    )
+    spans: Literal["quote", "diff"] = Field(
+        "quote",
+        description="harmful-token marking: the model quotes the harmful spans (falling back to "
+        "diff when no quote is found in the answer), or diff only (words of the toxic answer "
+        "absent from the positive one)",
+    )
+    max_spans_new_tokens: int = Field(96, ge=1)
     dedup: DedupSection = DedupSection()
 
 
@@ -273,6 +326,7 @@ class Config(Section):
     redteam: RedteamSection = RedteamSection()
     judge: JudgeSection = JudgeSection()
     pairs: PairsSection = PairsSection()
+    pt_align: PTAlignSection = PTAlignSection()
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
     loop: LoopSection = LoopSection()

@@ -11,8 +11,11 @@ tests do.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+import pyarrow as pa
 import ray.data
 from ray.data import ActorPoolStrategy
 
@@ -60,3 +63,21 @@ def generate(
         num_cpus=engine.num_cpus_per_actor,
         num_gpus=engine.num_gpus_per_actor or None,
     )
+
+
+def complete(
+    chats: Mapping[str, list[dict[str, str]]],
+    model: ModelSection,
+    engine: EngineSection,
+    sampling: SamplingParams,
+) -> dict[str, str]:
+    """One completion per chat (``{id: messages}`` in, ``{id: response}`` out) through the engine
+    actor pool: the generation step of the data-writing stages (red team, PT-ALIGN)."""
+    if not chats:
+        return {}
+    sampling = replace(sampling, n=1)
+    ds = ray.data.from_arrow(
+        pa.table({"id": list(chats), "messages": [list(m) for m in chats.values()]})
+    )
+    rows = generate(ds, model, engine, sampling).select_columns(["id", "response"]).take_all()
+    return {str(row["id"]): str(row["response"]) for row in rows}

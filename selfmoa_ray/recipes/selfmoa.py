@@ -3,7 +3,8 @@
     baseline/evaluate                           the start policy on the held-out sets
     for t in 1..loop.iterations:
         iter_t/redteam    prompts.parquet       attacks aimed at M_{t-1}'s failures, benign mixed in
-        iter_t/sample     responses.parquet/    M_{t-1} answers each prompt k times
+        iter_t/sample     responses.parquet/    M_{t-1} answers each prompt k times (and k more
+                                                under sampling.guide_prompt, when set)
         iter_t/judge      scored.parquet/       evaluators: safety, helpfulness, refusal
         iter_t/failures   failures.parquet      successful attacks: next iteration's few-shots
         iter_t/pairs      pairs.parquet         Self-MOA preference pairs
@@ -115,6 +116,7 @@ def run_iteration(config: Config, run: RunDir, t: int, policy: ModelSection) -> 
                 top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens,
                 seed=config.run.seed + t,
             ),
+            guide=config.sampling.guide_prompt,
         ),
         "judge": judge(run, stage=f"{it}/judge", responses=f"{it}/responses.parquet",
                        out=f"{it}/scored.parquet", config=config.judge),

@@ -22,6 +22,7 @@ import pyarrow as pa
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.stages.pairs import group_by_prompt, read_scored
 from selfmoa_ray.stages.redteam import REDTEAM_SCHEMA
+from selfmoa_ray.stages.sample import GUIDED
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,11 @@ def failures(
     """Run (or skip, if done) failure finding from ``scored`` into ``out``; run-relative paths."""
 
     def work() -> dict[str, Any]:
-        optional = [name for name, _ in PROMPT_COLUMNS] + ["sample_index"]
-        rows = read_scored(run.path(scored), INPUT_COLUMNS, optional)
+        optional = [name for name, _ in PROMPT_COLUMNS] + ["sample_index", GUIDED]
+        # Failures describe the policy as deployed: answers drawn under a guide are left out.
+        rows = [
+            r for r in read_scored(run.path(scored), INPUT_COLUMNS, optional) if not r.get(GUIDED)
+        ]
         failed, by_category = find_failures(rows, unsafe_threshold)
         write_parquet(run.path(out), pa.Table.from_pylist(failed, schema=FAILURE_SCHEMA))
         attacks = sum(s["prompts"] for s in by_category.values())

@@ -37,11 +37,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 
 from selfmoa_ray.config import Config, EngineSection, ModelSection, RedteamSection
 from selfmoa_ray.engines.base import SamplingParams
-from selfmoa_ray.engines.pool import generate
+from selfmoa_ray.engines.pool import complete
 from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.sources.dedup import Deduplicator
@@ -243,9 +242,8 @@ def run_generator(
         max_new_tokens=section.max_new_tokens,
         seed=seed,
     )
-    ds = ray.data.from_items([{"id": s.id, "text": s.instruction} for s in slots])
-    rows = generate(ds, model, engine, sampling).select_columns(["id", "response"]).take_all()
-    return {row["id"]: str(row["response"]) for row in rows}
+    return complete({s.id: [{"role": "user", "content": s.instruction}] for s in slots},
+                    model, engine, sampling)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- 3-4. wrap, dedup, mix

@@ -63,3 +63,29 @@ def test_a_failed_stage_publishes_nothing(run_with_prompts, ray_local):
     assert not run.path("iter_01/responses.parquet").exists()
     assert [p.name for p in run.path("iter_01").iterdir()] == ["prompts.parquet"]
     assert RunDir.open(run.root).stage_status("iter_01/sample") == "failed"
+
+
+def test_guided_samples_answer_the_bare_prompt_under_the_guide(run_with_prompts, ray_local):
+    run, config, prompts = run_with_prompts
+    # Longer than the chat template's default system prompt, which a guide replaces.
+    guide = "You are a careful assistant. Refuse harmful requests and help with the rest. " * 4
+    entry = sample(
+        run, stage="iter_01/sample", prompts="iter_01/prompts.parquet",
+        out="iter_01/responses.parquet", model=config.policy, engine=config.engine,
+        sampling=SamplingParams(n=2, temperature=0.8, max_new_tokens=4), guide=guide,
+    )  # fmt: skip
+    rows = pq.read_table(run.path("iter_01/responses.parquet")).to_pylist()
+    assert entry["summary"]["responses"] == len(rows) == 4 * len(prompts)
+    assert entry["summary"]["guided_responses"] == 2 * len(prompts)
+    assert "messages" not in rows[0]  # downstream stages read the bare prompt in `text`
+    texts = {p.id: p.text for p in prompts}
+    by_id: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        assert row["text"] == texts[row["id"]]
+        by_id.setdefault(row["id"], {})[row["sample_index"]] = row
+    for samples in by_id.values():
+        assert sorted(samples) == [0, 1, 2, 3]
+        assert [samples[i]["guided"] for i in range(4)] == [False, False, True, True]
+        # The guide reached the model: the guided prompts are longer by the extra guide text.
+        assert samples[2]["prompt_tokens"] == samples[3]["prompt_tokens"]
+        assert samples[2]["prompt_tokens"] > samples[0]["prompt_tokens"] + 10
