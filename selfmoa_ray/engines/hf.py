@@ -6,6 +6,7 @@ is the expensive part (design.md 5.1), so actors are reused, never recreated per
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,12 @@ import torch
 
 from selfmoa_ray.engines.base import SamplingParams, chat_of, explode, rows_of
 from selfmoa_ray.sources.models import load_model_and_tokenizer
+
+
+def batch_seed(seed: int, prompts: list[str]) -> int:
+    """A seed for one batch: reproducible (whichever actor runs it) and distinct per batch."""
+    digest = hashlib.sha256("\x00".join(prompts).encode()).digest()
+    return (seed + int.from_bytes(digest[:8], "little")) % 2**63
 
 
 class HFChatEngine:
@@ -52,7 +59,9 @@ class HFChatEngine:
         p = self.sampling
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self.device)
-        torch.manual_seed(p.seed)
+        # Seeded by the batch's content, not once per actor: the same seed for every batch would
+        # draw the same random numbers at the same positions of different batches.
+        torch.manual_seed(batch_seed(p.seed, prompts))
         # Greedy samples are all identical: decode once, then repeat the result n times.
         per_prompt = 1 if p.greedy else p.n
         generated = self.model.generate(

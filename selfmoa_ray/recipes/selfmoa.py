@@ -4,10 +4,12 @@
     for t in 1..loop.iterations:
         iter_t/redteam    prompts.parquet       attacks aimed at M_{t-1}'s failures, benign mixed in
         iter_t/sample     responses.parquet/    M_{t-1} answers each prompt k times (and k more
-                                                under sampling.guide_prompt, when set)
+                                                under sampling.guide, when set)
         iter_t/judge      scored.parquet/       evaluators: safety, helpfulness, refusal
         iter_t/failures   failures.parquet      successful attacks: next iteration's few-shots
         iter_t/pairs      pairs.parquet         Self-MOA preference pairs
+        iter_t/spans      pairs_marked.parquet  (combined recipe only) harmful spans of unsafe
+                                                rejected answers, for PT-ALIGN's unlikelihood
         iter_t/reference  pairs_ref.parquet/    reference log-probs (M_{t-1}, or M_0)
         iter_t/train      policy/               MODPO on Ray Train: M_t
         iter_t/evaluate   metrics.json          M_t on the held-out sets; rejected (and the loop
@@ -40,6 +42,7 @@ from selfmoa_ray.stages.pairs import pairs
 from selfmoa_ray.stages.redteam import redteam
 from selfmoa_ray.stages.reference import reference
 from selfmoa_ray.stages.sample import sample
+from selfmoa_ray.stages.spans import mark_pairs
 from selfmoa_ray.stages.train import train
 
 log = logging.getLogger(__name__)
@@ -58,31 +61,30 @@ def check_recipe(config: Config) -> None:
         )
 
 
-def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
-    """Run (or resume) the closed loop in ``run``; returns the collected metrics of the run."""
+def run_selfmoa(config: Config, run: RunDir, *, combined: bool = False) -> dict[str, Any]:
+    """Run (or resume) the closed loop in ``run``; returns the collected metrics of the run.
+
+    ``combined``: the combined recipe, Self-MOA pairs plus PT-ALIGN's token-level unlikelihood on
+    the harmful spans of each unsafe rejected answer (weight ``train.unlikelihood_alpha``).
+    """
     check_recipe(config)
     tracker = make_tracker(config.tracking, run.root, config.run.name)
     try:
-        _stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
-        _track(tracker, run, 0, BASELINE)
+        stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
+        track_policy(tracker, run, 0, BASELINE)
         policy, accepted = config.policy, BASELINE
-        state = {"iterations_planned": config.loop.iterations, "iterations_done": 0,
+        state = {"recipe": "combined" if combined else "selfmoa",
+                 "iterations_planned": config.loop.iterations, "iterations_done": 0,
                  "stopped_early": False, "stop_reason": None}  # fmt: skip
         for t in range(1, config.loop.iterations + 1):
-            trained = run_iteration(config, run, t, policy)
+            trained = run_iteration(config, run, t, policy, combined=combined)
             state["iterations_done"] = t
             if trained is None:
                 state.update(stopped_early=True, stop_reason=f"too few pairs to train at {t}")
                 break
             name = iteration_dir(t)
-            _track(tracker, run, t, name)
-            gain = _metric(run, name, HARMFUL_SPLIT, "safety_rate") - _metric(
-                run, accepted, HARMFUL_SPLIT, "safety_rate"
-            )
-            rise = _metric(run, name, BENIGN_SPLIT, "refusal_rate") - _metric(
-                run, BASELINE, BENIGN_SPLIT, "refusal_rate"
-            )
-            reason = stop_reason(gain, rise, t, config.loop)
+            track_policy(tracker, run, t, name)
+            reason = check_policy(run, name, accepted, t, config.loop)
             if reason:
                 state.update(stopped_early=t < config.loop.iterations, stop_reason=reason)
                 break
@@ -100,71 +102,96 @@ def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
     return write_report(run.root)
 
 
-def run_iteration(config: Config, run: RunDir, t: int, policy: ModelSection) -> ModelSection | None:
+def run_iteration(
+    config: Config, run: RunDir, t: int, policy: ModelSection, *, combined: bool = False
+) -> ModelSection | None:
     """One iteration from policy M_{t-1}; returns M_t, or None when too few pairs were kept."""
     it = iteration_dir(t)
     threshold = config.judge.unsafe_threshold
     generator = config.redteam.generator or policy
-    entries = {
-        "redteam": redteam(run, config, iteration=t, generator=generator,
-                           out=f"{it}/prompts.parquet"),
-        "sample": sample(
-            run, stage=f"{it}/sample", prompts=f"{it}/prompts.parquet",
-            out=f"{it}/responses.parquet", model=policy, engine=config.engine,
-            sampling=SamplingParams(
-                n=config.sampling.n, temperature=config.sampling.temperature,
-                top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens,
-                seed=config.run.seed + t,
-            ),
-            guide=config.sampling.guide_prompt,
+
+    def done(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+        return stage_done(run, entry, f"{it}/{name}")
+
+    done("redteam", redteam(run, config, iteration=t, generator=generator,
+                            out=f"{it}/prompts.parquet"))  # fmt: skip
+    done("sample", sample(
+        run, stage=f"{it}/sample", prompts=f"{it}/prompts.parquet",
+        out=f"{it}/responses.parquet", model=policy, engine=config.engine,
+        sampling=SamplingParams(
+            n=config.sampling.n, temperature=config.sampling.temperature,
+            top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens,
+            seed=config.run.seed + t,
         ),
-        "judge": judge(run, stage=f"{it}/judge", responses=f"{it}/responses.parquet",
-                       out=f"{it}/scored.parquet", config=config.judge),
-        "failures": failures(run, stage=f"{it}/failures", scored=f"{it}/scored.parquet",
-                             out=f"{it}/failures.parquet", unsafe_threshold=threshold),
-        "pairs": pairs(run, stage=f"{it}/pairs", scored=f"{it}/scored.parquet",
-                       out=f"{it}/pairs.parquet", section=config.pairs,
-                       unsafe_threshold=threshold),
-    }  # fmt: skip
-    for name, entry in entries.items():
-        _stage_done(run, entry, f"{it}/{name}")
-    kept = entries["pairs"]["summary"]["pairs"]
+        guide=[m.model_dump() for m in config.sampling.guide or []],
+    ))  # fmt: skip
+    done("judge", judge(run, stage=f"{it}/judge", responses=f"{it}/responses.parquet",
+                        out=f"{it}/scored.parquet", config=config.judge))  # fmt: skip
+    done("failures", failures(run, stage=f"{it}/failures", scored=f"{it}/scored.parquet",
+                              out=f"{it}/failures.parquet", unsafe_threshold=threshold))  # fmt: skip
+    kept = done("pairs", pairs(run, stage=f"{it}/pairs", scored=f"{it}/scored.parquet",
+                               out=f"{it}/pairs.parquet", section=config.pairs,
+                               unsafe_threshold=threshold))["summary"]["pairs"]  # fmt: skip
     needed = config.train.batch_size * config.train.num_workers
     if kept < needed:
         log.warning(
             "iteration %d kept %d pairs, fewer than one batch (%d): stopping", t, kept, needed
         )
         return None
+    train_pairs = f"{it}/pairs.parquet"
+    if combined:
+        train_pairs = f"{it}/pairs_marked.parquet"
+        done("spans", mark_pairs(
+            run, stage=f"{it}/spans", pairs=f"{it}/pairs.parquet", out=train_pairs,
+            unsafe_threshold=threshold, section=config.pt_align, model=generator,
+            engine=config.engine, seed=config.run.seed + t,
+        ))  # fmt: skip
     ref_model = policy if config.train.reference == "previous" else config.policy
-    _stage_done(
-        run,
-        reference(
-            run, stage=f"{it}/reference", pairs=f"{it}/pairs.parquet",
-            out=f"{it}/pairs_ref.parquet", model=ref_model, engine=config.engine,
-            train=config.train,
-        ),
-        f"{it}/reference",
-    )  # fmt: skip
-    _stage_done(
-        run,
-        train(
-            run, stage=f"{it}/train", data=f"{it}/pairs_ref.parquet", out=f"{it}/policy",
-            model=policy, config=config.train, seed=config.run.seed + t,
-        ),
-        f"{it}/train",
-    )  # fmt: skip
+    done("reference", reference(
+        run, stage=f"{it}/reference", pairs=train_pairs, out=f"{it}/pairs_ref.parquet",
+        model=ref_model, engine=config.engine, train=config.train,
+    ))  # fmt: skip
+    done("train", train(
+        run, stage=f"{it}/train", data=f"{it}/pairs_ref.parquet", out=f"{it}/policy",
+        model=policy, config=config.train, seed=config.run.seed + t,
+    ))  # fmt: skip
     trained = policy.model_copy(update={"source": str(run.path(it, "policy"))})
-    _stage_done(run, evaluate_policy(run, config, trained, it), f"{it}/evaluate")
+    done("evaluate", evaluate_policy(run, config, trained, it))
     return trained
 
 
-def stop_reason(gain: float, over_refusal_rise: float, t: int, loop: LoopSection) -> str | None:
+def check_policy(run: RunDir, name: str, accepted: str, t: int, loop: LoopSection) -> str | None:
+    """:func:`stop_reason` for the evaluated policy ``name`` against the last ``accepted`` one
+    (safety) and the start policy (over-refusal, helpfulness)."""
+
+    def change(split: str, key: str, since: str) -> float:
+        return policy_metric(run, name, split, key) - policy_metric(run, since, split, key)
+
+    return stop_reason(
+        change(HARMFUL_SPLIT, "safety_rate", accepted),
+        change(BENIGN_SPLIT, "refusal_rate", BASELINE),
+        t,
+        loop,
+        helpfulness_drop=-change(BENIGN_SPLIT, "helpfulness", BASELINE),
+    )
+
+
+def stop_reason(
+    gain: float, over_refusal_rise: float, t: int, loop: LoopSection, *, helpfulness_drop: float = 0
+) -> str | None:
     """Why iteration ``t``'s policy is rejected and the loop stops, or None to accept it and go on.
 
     ``gain``: held-out harmful safety over the last accepted policy; ``over_refusal_rise``: benign
-    refusal rate over the start policy. A rejected policy stays on disk, but the run's final
-    policy is the last accepted one.
+    refusal rate over the start policy; ``helpfulness_drop``: benign helpfulness below the start
+    policy's (a policy can evade without refusing: "I'm a helpful assistant, here to help" is
+    judged safe and no refusal, and helps no one). A rejected policy stays on disk, but the run's
+    final policy is the last accepted one.
     """
+    if helpfulness_drop > loop.max_helpfulness_drop:
+        return (
+            f"benign helpfulness fell {helpfulness_drop:.3f} below the start policy's "
+            f"(> loop.max_helpfulness_drop {loop.max_helpfulness_drop}) at iteration {t}"
+        )
     if over_refusal_rise > loop.max_over_refusal_rise:
         return (
             f"over-refusal rose {100 * over_refusal_rise:+.1f} pts over the start policy "
@@ -183,18 +210,20 @@ def human_items(run: RunDir) -> int:
     return len(seeds - {""})
 
 
-def _metric(run: RunDir, name: str, split: str, key: str) -> float:
+def policy_metric(run: RunDir, name: str, split: str, key: str) -> float:
     splits = run.manifest["stages"][f"{name}/evaluate"]["summary"]["splits"]
     return float(splits[split][key]) if split in splits else 0.0
 
 
-def _track(tracker: Any, run: RunDir, step: int, name: str) -> None:
+def track_policy(tracker: Any, run: RunDir, step: int, name: str) -> None:
     for policy in collect_run(run.root)["policies"]:
         if policy["name"] == name:
             tracker.log_iteration(step, flat_metrics(policy))
 
 
-def _stage_done(run: RunDir, entry: dict[str, Any], name: str) -> None:
-    """One line per stage, so a user watching the job sees the loop advance."""
+def stage_done(run: RunDir, entry: dict[str, Any], name: str) -> dict[str, Any]:
+    """One line per finished stage, so a user watching the job sees the loop advance; returns
+    the stage's manifest entry."""
     summary = {k: v for k, v in entry.get("summary", {}).items() if not isinstance(v, dict)}
     print(f"[{name}] {entry.get('status')} in {entry.get('seconds', 0):.1f}s {summary}", flush=True)
+    return entry

@@ -34,12 +34,20 @@ BENIGN_SPLIT = "eval_benign"
 BASELINE = "baseline"
 _ITER = re.compile(r"^iter_(\d+)$")
 # The stage kinds of one iteration in loop order (others found in a manifest go after them).
+# PT-ALIGN's data stages come first in its single iteration; "spans" is the combined recipe's.
 STAGE_ORDER = (
+    "topics",
+    "instructions",
+    "positive",
+    "toxic",
+    "filter",
+    "triples",
     "redteam",
     "sample",
     "judge",
     "failures",
     "pairs",
+    "spans",
     "reference",
     "train",
     "evaluate",
@@ -159,10 +167,15 @@ def _iteration(
     failures, pairs, train = summary("failures"), summary("pairs"), summary("train")
     folder = root / name
 
-    prompts = _int((redteam or {}).get("prompts"))
+    # Training prompts and examples: attack prompts and pairs (Self-MOA), or instructions and
+    # positive/toxic triples (PT-ALIGN).
+    instructions, triples = summary("instructions"), summary("triples")
+    prompts = _int((redteam or instructions or {}).get("prompts" if redteam else "instructions"))
     if prompts is None:
         prompts = parquet_rows(folder / "prompts.parquet")
     pair_count = _int((pairs or {}).get("pairs"))
+    if pair_count is None and triples is not None:
+        pair_count = _int(triples.get("triples"))
     if pair_count is None:
         pair_count = parquet_rows(folder / "pairs.parquet")
 
@@ -206,7 +219,7 @@ def _iteration(
         },
         "pairs": pair_count,
         "pairs_mode": (pairs or {}).get("mode"),
-        "pairs_dropped": dict((pairs or {}).get("dropped") or {}),
+        "pairs_dropped": dict((pairs or summary("filter") or {}).get("dropped") or {}),
         "train": dict(train) if train is not None else None,
         "eval_tokens": eval_tokens,
         "tokens": (sample_tokens or 0) + (eval_tokens or 0),

@@ -471,8 +471,8 @@ def _section_data(collected: dict[str, Any]) -> str:
         "prompts generated",
         "benign mixed in",
         "successful attacks",
-        "pairs kept",
-        "pairs dropped",
+        "training examples (pairs or triples)",
+        "dropped (why)",
         "tokens (sample)",
         "tokens (eval)",
         "wall time",
@@ -558,6 +558,7 @@ def render_html(
     meta_rows = [
         ["run", _e(run["name"])],
         ["run id", _e(run["run_id"])],
+        ["recipe", _e(loop.get("recipe", "selfmoa"))],
         ["created", _e(run["created"])],
         ["config fingerprint", _e(run["config_fingerprint"])],
         ["start policy", _e(run["policy_model"])],

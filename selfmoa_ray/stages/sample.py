@@ -3,17 +3,19 @@
 prompts.parquet -> responses.parquet, streamed through the engine actor pool; the output folder is
 published atomically, so it exists only when every row was written.
 
-With a *guide* (``sampling.guide_prompt``), every prompt is also answered k times under that
-system prompt: safety context distillation (Llama 2, Touvron et al. 2023, section 4.2.4). A small
-policy rarely refuses on its own (SmolLM2-135M: ~5% of answers to attacks), so its k bare answers
-seldom hold a refusal for a pair to prefer; under a safety system prompt it refuses about twice as
-often. The guided rows keep the bare prompt in ``text`` (the judge and the pairs read it, not the
-system prompt), get ``sample_index`` k..2k-1 and ``guided = true``, so the trained policy learns
-to answer the bare prompt the way the guide made it answer.
+With a *guide* (``sampling.guide``: a chat prefix such as a safety system prompt and example
+turns), every prompt is also answered k times under that prefix: safety context distillation
+(Askell et al. 2021; Llama 2, Touvron et al. 2023, section 4.2.4). A small policy rarely refuses on
+its own (SmolLM2-135M: ~10% of answers to attacks), so its k bare answers seldom hold a refusal
+for a pair to prefer; under a guide it refuses up to 2.5 times as often. The guided rows keep the
+bare prompt in ``text`` (the judge and the pairs read it, not the guide), get ``sample_index``
+k..2k-1 and ``guided = true``, so the trained policy learns to answer the bare prompt the way the
+guide made it answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -34,15 +36,15 @@ def write_dataset(ds: ray.data.Dataset, run: RunDir, out: str) -> None:
         ds.write_parquet(str(tmp))
 
 
-def with_chat(guide: str | None):
-    """A ``map_batches`` function giving each prompt row its chat: the user turn, under ``guide``
-    as system prompt when given, and the ``guided`` flag."""
-    system = [{"role": "system", "content": guide}] if guide else []
+def with_chat(guide: Sequence[dict[str, str]] | None):
+    """A ``map_batches`` function giving each prompt row its chat: the user turn, after the
+    ``guide`` chat prefix when given, and the ``guided`` flag."""
+    prefix = [dict(m) for m in guide or []]
 
     def add(batch: pa.Table) -> pa.Table:
-        chats = [[*system, {"role": "user", "content": t}] for t in batch["text"].to_pylist()]
+        chats = [[*prefix, {"role": "user", "content": t}] for t in batch["text"].to_pylist()]
         batch = batch.append_column("messages", pa.array(chats))
-        return batch.append_column(GUIDED, pa.array([guide is not None] * batch.num_rows))
+        return batch.append_column(GUIDED, pa.array([bool(guide)] * batch.num_rows))
 
     return add
 
@@ -71,18 +73,18 @@ def sample(
     model: ModelSection,
     engine: EngineSection,
     sampling: SamplingParams,
-    guide: str | None = None,
+    guide: Sequence[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Run (or skip, if done) sampling of ``prompts`` into ``out``; paths are run-relative.
 
-    ``guide``: a system prompt under which every prompt is answered another ``sampling.n`` times
+    ``guide``: a chat prefix under which every prompt is answered another ``sampling.n`` times
     (module docstring); None samples the bare prompts only.
     """
 
     def work() -> dict[str, Any]:
         ds = ray.data.read_parquet(str(run.path(prompts)))
         chats = ds.map_batches(with_chat(None), batch_format="pyarrow")
-        if guide is not None:
+        if guide:
             chats = chats.union(ds.map_batches(with_chat(guide), batch_format="pyarrow"))
         answers = generate(chats, model, engine, sampling)
         write_dataset(answers.map_batches(drop_chat(sampling.n), batch_format="pyarrow"), run, out)

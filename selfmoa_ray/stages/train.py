@@ -102,7 +102,14 @@ def train(
         )
         with result.checkpoint.as_directory() as directory, atomic_path(run.path(out)) as tmp:
             shutil.copytree(Path(directory) / FINAL_DIR, tmp)
-        keep = ("loss", "reward_margin", "preference_accuracy", "mle", "unlikelihood")
+        keep = (
+            "loss",
+            "reward_margin",
+            "preference_accuracy",
+            "mle",
+            "unlikelihood",
+            "harmful_tokens",
+        )
         return {
             "start_model": model.source,
             "steps": int(result.metrics.get("step", 0)),

@@ -9,7 +9,8 @@ Row schemas (Parquet columns; TRL's preference format plus our score columns):
   ``rejected`` (the assistant's text, or a one-message assistant list), optional
   ``safety_delta`` (MODPO margin, s(chosen) - s(rejected)), ``chosen_safety``,
   ``chosen_helpfulness``, ``rejected_safety``, ``rejected_helpfulness`` (scalarised DPO) and,
-  after the reference pass, ``ref_chosen_logps`` / ``ref_rejected_logps``;
+  after the reference pass, ``ref_chosen_logps`` / ``ref_rejected_logps``; optional
+  ``harmful_spans`` into ``rejected`` (the combined recipe: unlikelihood on those tokens);
 * triples (PT-ALIGN): ``prompt``, ``positive``, ``toxic`` and ``harmful_spans``, a list of
   ``[start, end)`` character offsets into ``toxic`` that mark its harmful text.
 
@@ -165,9 +166,13 @@ def _encode_column(
 def encode_pairs(
     tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_length: int
 ) -> dict[str, torch.Tensor]:
-    """Chosen responses first, then rejected ones, in one batch (one forward pass for both)."""
+    """Chosen responses first, then rejected ones, in one batch (one forward pass for both).
+
+    Pairs may carry ``harmful_spans`` into the *rejected* text (the combined recipe marks them):
+    they become the rejected rows' ``harmful_mask``.
+    """
     chosen = _encode_column(tokenizer, rows, "chosen", max_length, marked=False)
-    rejected = _encode_column(tokenizer, rows, "rejected", max_length, marked=False)
+    rejected = _encode_column(tokenizer, rows, "rejected", max_length, marked=True)
     return collate(chosen + rejected, tokenizer.pad_token_id)
 
 

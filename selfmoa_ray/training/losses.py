@@ -13,6 +13,7 @@ token losses return scalars that are 0, never NaN, when nothing is masked.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -235,13 +236,24 @@ def unlikelihood_loss(
 ) -> Tensor:
     """-(1/N) sum_{marked t} log max(1 - p_t, min_complement) over the N marked tokens; 0 if N = 0.
 
-    1 - p is computed as -expm1(log p), exact near p = 1 where 1 - exp(log p) cancels.
+    log(1 - p) is computed from log p without cancellation at either end (:func:`log1mexp`).
     """
     _same_shape("token_logps", token_logps, harmful_mask=harmful_mask)
     _positive("min_complement", min_complement)
     harmful_mask = harmful_mask.bool()
-    complement = (-torch.expm1(token_logps[harmful_mask])).clamp(min=min_complement)
-    return -torch.log(complement).sum() / harmful_mask.sum().clamp(min=1)
+    log_complement = log1mexp(token_logps[harmful_mask]).clamp(min=math.log(min_complement))
+    return -log_complement.sum() / harmful_mask.sum().clamp(min=1)
+
+
+def log1mexp(logp: Tensor) -> Tensor:
+    """log(1 - exp(logp)) for logp <= 0: log(-expm1) near p = 1, log1p(-exp) for small p
+    (Maechler 2012), where the other form loses most of its digits."""
+    near_one = logp > -math.log(2)
+    return torch.where(
+        near_one,
+        torch.log(-torch.expm1(logp.clamp(max=-1e-30))),
+        torch.log1p(-torch.exp(logp.clamp(max=-math.log(2)))),
+    )
 
 
 def pt_align_loss(

@@ -141,4 +141,12 @@ def _preference(model, tokenizer, rows, cfg, device) -> tuple[Tensor, dict[str, 
         sft = losses.sft_loss(token_logps[:n], mask[:n])
         loss = loss + cfg.sft_weight * sft
         metrics["sft_loss"] = float(sft.detach())
+    if "harmful_spans" in rows[0] and cfg.unlikelihood_alpha > 0:
+        # The combined recipe: Self-MOA pairs plus PT-ALIGN's unlikelihood on the harmful tokens
+        # of the rejected responses (0 for a batch without marked tokens).
+        harmful = batch["harmful_mask"][n:]
+        unlikelihood = losses.unlikelihood_loss(token_logps[n:], harmful)
+        loss = loss + cfg.unlikelihood_alpha * unlikelihood
+        metrics["unlikelihood"] = float(unlikelihood.detach())
+        metrics["harmful_tokens"] = float(harmful.sum())
     return loss, metrics

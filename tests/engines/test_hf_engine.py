@@ -31,6 +31,17 @@ def test_left_padding_does_not_leak_into_rows(greedy):
     assert batch["prompt_tokens"][1] > batch["prompt_tokens"][0] + 10  # really padded
 
 
+def test_batches_of_one_call_get_their_own_random_draws():
+    """The same chat at the same position of two different batches is sampled independently,
+    and a batch samples the same way again (the seed comes from its content)."""
+    engine = HFChatEngine("tiny-random", SamplingParams(n=1, temperature=1.0, max_new_tokens=8))
+    first = engine({"id": np.array(["a", "b"]), "text": np.array(["Hello there", "One"])})
+    second = engine({"id": np.array(["a", "c"]), "text": np.array(["Hello there", "Two"])})
+    again = engine({"id": np.array(["a", "b"]), "text": np.array(["Hello there", "One"])})
+    assert first["response"][0] != second["response"][0]
+    assert list(again["response"]) == list(first["response"])
+
+
 def test_pool_picks_the_backend_class_and_its_settings():
     model = ModelSection(source="tiny-random", dtype="bfloat16")
     cls, kwargs = engine_class_and_kwargs(model, EngineSection(num_cpus_per_actor=2))

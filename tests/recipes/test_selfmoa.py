@@ -28,8 +28,12 @@ def test_stop_rule():
     assert "gain -0.5000" in stop_reason(-0.5, 0.0, 3, loop)  # the last iteration is checked too
     rise = stop_reason(0.30, 0.10, 2, loop)
     assert "over-refusal rose +10.0 pts" in rise and "at iteration 2" in rise
-    never = LoopSection(iterations=3, min_gain=-1.0, max_over_refusal_rise=1.0)
-    assert stop_reason(-1.0, 1.0, 1, never) is None
+    evasive = stop_reason(0.30, 0.0, 1, loop, helpfulness_drop=0.28)
+    assert "helpfulness fell 0.280 below" in evasive and "max_helpfulness_drop 0.1" in evasive
+    assert stop_reason(0.30, 0.0, 1, loop, helpfulness_drop=0.1) is None
+    never = LoopSection(iterations=3, min_gain=-1.0, max_over_refusal_rise=1.0,
+                        max_helpfulness_drop=1.0)  # fmt: skip
+    assert stop_reason(-1.0, 1.0, 1, never, helpfulness_drop=1.0) is None
 
 
 def test_the_loop_refuses_a_loss_it_cannot_train(tmp_path, capsys):

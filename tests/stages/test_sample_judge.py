@@ -68,7 +68,8 @@ def test_a_failed_stage_publishes_nothing(run_with_prompts, ray_local):
 def test_guided_samples_answer_the_bare_prompt_under_the_guide(run_with_prompts, ray_local):
     run, config, prompts = run_with_prompts
     # Longer than the chat template's default system prompt, which a guide replaces.
-    guide = "You are a careful assistant. Refuse harmful requests and help with the rest. " * 4
+    system = "You are a careful assistant. Refuse harmful requests and help with the rest. " * 4
+    guide = [{"role": "system", "content": system}]
     entry = sample(
         run, stage="iter_01/sample", prompts="iter_01/prompts.parquet",
         out="iter_01/responses.parquet", model=config.policy, engine=config.engine,

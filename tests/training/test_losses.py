@@ -10,6 +10,7 @@ import torch
 
 from selfmoa_ray.training.losses import (
     dpo_loss,
+    log1mexp,
     modpo_loss,
     nontie_mask,
     pt_align_loss,
@@ -512,3 +513,12 @@ _S = torch.zeros(3, 2)
 def test_bad_inputs_raise_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         call()
+
+
+def test_log1mexp_keeps_its_digits_at_both_ends_in_float32():
+    logp = -torch.logspace(-6, 1.5, 200, dtype=torch.float64)  # p from ~1 - 1e-6 down to ~1e-14
+    exact = torch.log1p(-torch.exp(logp))
+    got = log1mexp(logp.float()).double()
+    naive = torch.log(-torch.expm1(logp.float())).double()
+    assert torch.allclose(got, exact, rtol=1e-5, atol=0)
+    assert not torch.allclose(naive, exact, rtol=1e-5, atol=0)  # what the naive form loses

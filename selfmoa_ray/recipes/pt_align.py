@@ -1,0 +1,117 @@
+"""Recipe: PT-ALIGN, dual safety self-alignment from fewer than 50 human items (design.md 2.2).
+
+    baseline/evaluate                               the start policy on the held-out sets
+    iter_01/topics        topics.parquet            topics per safety domain
+    iter_01/instructions  instructions.parquet      red-team instructions per topic (deduplicated,
+                                                    never a held-out eval prompt)
+    iter_01/positive      positives.parquet         harmless answers, critiqued and revised
+    iter_01/toxic         toxics.parquet            toxic answers, refined (refusals dropped)
+    iter_01/filter        filtered.parquet          positive judged safe and not a needless
+                                                    refusal; toxic judged unsafe
+    iter_01/triples       triples.parquet           harmful spans of each toxic answer, quoted by
+                                                    the model and mapped to character offsets
+    iter_01/train         policy/                   MLE on positives + unlikelihood on the harmful
+                                                    tokens of toxics, on the bare instructions
+    iter_01/evaluate      metrics.json              the trained policy on the held-out sets
+    report.html, metrics.json, metrics.csv
+
+The only human input is the seed file (``pt_align.seeds``), counted in the manifest and the
+report. The policy writes its own data unless ``pt_align.generator`` names another model. Like
+the Self-MOA loop, every stage is skipped when its output exists, so ``--resume`` continues a
+killed run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from selfmoa_ray.config import Config
+from selfmoa_ray.recipes.selfmoa import (
+    check_policy,
+    iteration_dir,
+    stage_done,
+    track_policy,
+)
+from selfmoa_ray.report.collect import BASELINE
+from selfmoa_ray.report.html import write_report
+from selfmoa_ray.report.tracking import make_tracker
+from selfmoa_ray.rundir import RunDir
+from selfmoa_ray.sources.human_seeds import load_human_seeds
+from selfmoa_ray.stages.evaluate import evaluate_policy, held_out_prompts
+from selfmoa_ray.stages.instructions import instructions
+from selfmoa_ray.stages.positive import positive
+from selfmoa_ray.stages.pt_filter import pt_filter
+from selfmoa_ray.stages.spans import triples
+from selfmoa_ray.stages.topics import topics
+from selfmoa_ray.stages.toxic import toxic
+from selfmoa_ray.stages.train import train
+
+log = logging.getLogger(__name__)
+
+
+def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
+    """Run (or resume) PT-ALIGN in ``run``; returns the collected metrics of the run."""
+    section = config.pt_align
+    seeds = load_human_seeds(section.seeds, section.max_human_items)  # fails before any work
+    train_config = config.train.model_copy(update={"loss": "pt_align"})
+    generator = section.generator or config.policy
+    it, seed = iteration_dir(1), config.run.seed + 1
+    tracker = make_tracker(config.tracking, run.root, config.run.name)
+    try:
+        stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
+        track_policy(tracker, run, 0, BASELINE)
+
+        def done(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+            return stage_done(run, entry, f"{it}/{name}")
+
+        gen = {"seeds": seeds, "section": section, "model": generator, "engine": config.engine,
+               "seed": seed}  # fmt: skip
+        eval_texts = [p.text for p in held_out_prompts(config.data, config.run.seed)]
+        done("topics", topics(run, stage=f"{it}/topics", out=f"{it}/topics.parquet", **gen))
+        done("instructions", instructions(
+            run, stage=f"{it}/instructions", topics=f"{it}/topics.parquet",
+            out=f"{it}/instructions.parquet", exclude=eval_texts, **gen,
+        ))  # fmt: skip
+        done("positive", positive(run, stage=f"{it}/positive",
+                                  instructions=f"{it}/instructions.parquet",
+                                  out=f"{it}/positives.parquet", **gen))  # fmt: skip
+        done("toxic", toxic(run, stage=f"{it}/toxic", instructions=f"{it}/instructions.parquet",
+                            out=f"{it}/toxics.parquet", **gen))  # fmt: skip
+        done("filter", pt_filter(run, stage=f"{it}/filter", positives=f"{it}/positives.parquet",
+                                 toxics=f"{it}/toxics.parquet", out=f"{it}/filtered.parquet",
+                                 section=section, judge=config.judge))  # fmt: skip
+        kept = done("triples", triples(
+            run, stage=f"{it}/triples", filtered=f"{it}/filtered.parquet",
+            out=f"{it}/triples.parquet", section=section, model=generator,
+            engine=config.engine, seed=seed,
+        ))["summary"]["triples"]  # fmt: skip
+        state: dict[str, Any] = {
+            "recipe": "pt_align", "iterations_planned": 1, "iterations_done": 1,
+            "stopped_early": False, "stop_reason": None, "human_items": seeds.items,
+            "human_seeds": section.seeds, "human_seeds_fingerprint": seeds.fingerprint(),
+        }  # fmt: skip
+        needed = train_config.batch_size * train_config.num_workers
+        accepted = BASELINE
+        if kept < needed:
+            log.warning("PT-ALIGN kept %d triples, fewer than one batch (%d)", kept, needed)
+            state.update(stopped_early=True, stop_reason=f"too few triples to train ({kept})")
+        else:
+            done("train", train(run, stage=f"{it}/train", data=f"{it}/triples.parquet",
+                                out=f"{it}/policy", model=config.policy, config=train_config,
+                                seed=seed))  # fmt: skip
+            trained = config.policy.model_copy(update={"source": str(run.path(it, "policy"))})
+            done("evaluate", evaluate_policy(run, config, trained, it))
+            track_policy(tracker, run, 1, it)
+            reason = check_policy(run, it, BASELINE, 1, config.loop)
+            state["stop_reason"] = reason
+            accepted = BASELINE if reason else it
+        state["final_policy"] = accepted
+        state["final_policy_path"] = str(
+            run.path(accepted, "policy") if accepted != BASELINE else config.policy.source
+        )
+        run.manifest["loop"] = state
+        run.save()
+    finally:
+        tracker.close()
+    return write_report(run.root)

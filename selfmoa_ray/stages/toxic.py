@@ -1,0 +1,165 @@
+"""Stage ``toxic``: a clearly harmful answer for every red-team instruction, a negative example.
+
+PT-ALIGN (design.md 2.2 step 3) trains the policy away from toxic answers (step 5, unlikelihood
+on their harmful tokens), so the model writes them itself: a draft under the human-written toxic
+constraints (a system prompt listing them and saying this is a negative example for safety
+training, the domain's demonstrations as few-shot turns with their toxic answers), then
+``pt_align.refine_rounds`` rounds asking it to follow those rules more clearly. A draft that is a
+refusal or empty marks the item ``refused``: the model would not play the toxic role, so the
+recipe drops the instruction, and it is not refined. A refinement that is a refusal or empty
+keeps the previous answer. Every step is one batched round through the engine pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
+from selfmoa_ray.evaluators.refusal import is_refusal
+from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.sources.human_seeds import HumanSeeds
+from selfmoa_ray.stages.pt_prompts import (
+    REFINE,
+    TOXIC_SYSTEM,
+    Chat,
+    Generate,
+    clean_answer,
+    fewshot_chat,
+    numbered,
+    one_line,
+    pool_generator,
+)
+
+log = logging.getLogger(__name__)
+
+TOXIC_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("domain", pa.string()),
+        ("topic", pa.string()),
+        ("text", pa.string()),  # the bare instruction
+        ("toxic", pa.string()),  # the final answer
+        ("toxic_draft", pa.string()),
+        ("refinements", pa.int64()),  # refinements applied
+        ("refused", pa.bool_()),  # the draft was a refusal or empty: drop the instruction
+    ]
+)
+
+
+@dataclass
+class ToxicItem:
+    """One instruction's toxic answer as it goes through the refine rounds."""
+
+    id: str
+    domain: str
+    topic: str
+    text: str
+    draft: str = ""
+    answer: str = ""
+    refinements: int = 0
+    refused: bool = False
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "domain": self.domain, "topic": self.topic, "text": self.text,
+            "toxic": self.answer, "toxic_draft": self.draft, "refinements": self.refinements,
+            "refused": self.refused,
+        }  # fmt: skip
+
+
+def plays_role(answer: str) -> bool:
+    """False for an empty answer or a refusal: the model did not write the toxic answer."""
+    answer = clean_answer(answer)
+    return bool(answer) and not is_refusal(answer)
+
+
+def record_draft(item: ToxicItem, draft: str) -> None:
+    item.draft = item.answer = clean_answer(draft)
+    item.refused = not plays_role(item.draft)
+
+
+def record_refinement(item: ToxicItem, refinement: str) -> bool:
+    """Apply a refinement unless it is empty or a refusal (the previous answer stays)."""
+    if not plays_role(refinement):
+        return False
+    item.answer = clean_answer(refinement)
+    item.refinements += 1
+    return True
+
+
+def refine_chat(system: str, rules: str, item: ToxicItem) -> Chat:
+    content = REFINE.format(instruction=one_line(item.text), answer=one_line(item.answer),
+                            rules=rules)  # fmt: skip
+    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
+def toxic_items(
+    instruction_rows: Sequence[Mapping[str, Any]],
+    seeds: HumanSeeds,
+    rounds: int,
+    generate: Generate,
+    seed: int,
+) -> list[ToxicItem]:
+    """Draft, then ``rounds`` refine rounds for the items that were not refused; one generation
+    call per round. Items come back in id order."""
+    items = [
+        ToxicItem(r["id"], r["domain"], r["topic"], r["text"])
+        for r in sorted(instruction_rows, key=lambda r: r["id"])
+    ]
+    rules = numbered(seeds.toxic_constraints)
+    system = TOXIC_SYSTEM.format(rules=rules)
+    drafts = generate(
+        {i.id: fewshot_chat(system, seeds.demonstrations_for(i.domain), "toxic", i.text)
+         for i in items},
+        seed,
+    )  # fmt: skip
+    for item in items:
+        record_draft(item, drafts.get(item.id, ""))
+    active = [i for i in items if not i.refused]
+    for r in range(rounds):
+        if not active:
+            break
+        refined = generate({i.id: refine_chat(system, rules, i) for i in active}, seed + 1 + r)
+        for item in active:
+            record_refinement(item, refined.get(item.id, ""))
+    return items
+
+
+def toxic(
+    run: RunDir,
+    *,
+    stage: str,
+    instructions: str,
+    out: str,
+    seeds: HumanSeeds,
+    section: PTAlignSection,
+    model: ModelSection,
+    engine: EngineSection,
+    seed: int,
+) -> dict[str, Any]:
+    """Run (or skip, if done) the toxic stage: ``instructions`` in, ``out`` (Parquet) written."""
+
+    def work() -> dict[str, Any]:
+        rows = pq.read_table(run.path(instructions)).to_pylist()
+        generate = pool_generator(model, engine, section)
+        items = toxic_items(rows, seeds, section.refine_rounds, generate, seed)
+        write_parquet(
+            run.path(out), pa.Table.from_pylist([i.row() for i in items], schema=TOXIC_SCHEMA)
+        )
+        summary = {
+            "rows": len(items),
+            "refused": sum(i.refused for i in items),
+            "refined": sum(i.refinements > 0 for i in items),
+            "refinements": sum(i.refinements for i in items),
+        }
+        log.info("toxic: %d answers, %d refused the role, %d refined",
+                 summary["rows"], summary["refused"], summary["refined"])  # fmt: skip
+        return summary
+
+    return run.run_stage(stage, [out], work)

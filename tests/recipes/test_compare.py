@@ -1,0 +1,117 @@
+"""PT-ALIGN, the combined recipe and the comparison job on ``tiny``, on a real local Ray."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from selfmoa_ray.cli import main
+from selfmoa_ray.config import load_config
+from selfmoa_ray.recipes.compare import comparison_table, recipe_name, run_comparison
+from selfmoa_ray.training.data import spans_of
+
+PT_STAGES = (
+    "topics",
+    "instructions",
+    "positive",
+    "toxic",
+    "filter",
+    "triples",
+    "train",
+    "evaluate",
+)
+
+
+def test_recipe_names_and_bad_seed_files_fail_before_any_work(tmp_path, capsys):
+    assert recipe_name("pt-align") == recipe_name("pt_align") == "pt_align"
+    with pytest.raises(ValueError, match="unknown recipe 'dpo'"):
+        recipe_name("dpo")
+    out = tmp_path / "r"
+    code = main(["run", "--recipe", "pt-align", "--config", "tiny", "--output-dir", str(out),
+                 f"pt_align.seeds={tmp_path / 'missing.yaml'}"])  # fmt: skip
+    assert code == 2 and "seed file not found" in capsys.readouterr().err
+    code = main(["compare", "--config", "tiny", "--output-dir", str(out),
+                 "--recipes", "pt-align,combined", "pt_align.max_human_items=10"])  # fmt: skip
+    assert code == 2 and "25 human-written items, more than" in capsys.readouterr().err
+    code = main(["compare", "--config", "tiny", "--output-dir", str(out), "--recipes", "dpo"])
+    assert code == 2 and "unknown recipe 'dpo'" in capsys.readouterr().err
+    assert not out.exists()  # refused before a run folder was made
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("compare")
+    config = load_config("tiny", ["loop.iterations=1"])
+    rows = run_comparison(config, root, ["selfmoa", "pt-align", "combined"])
+    return root, rows
+
+
+@pytest.mark.slow
+def test_the_comparison_has_one_row_per_recipe(comparison):
+    root, rows = comparison
+    assert [r["recipe"] for r in rows] == ["selfmoa", "pt_align", "combined"]
+    with open(root / "comparison.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["recipe"] for r in table] == ["selfmoa", "pt_align", "combined"]
+    assert json.loads((root / "comparison.json").read_text()) == rows
+    assert (root / "comparison.md").read_text().strip() == comparison_table(rows)
+    for row in rows:
+        assert row["policy"] == "iter_01" and row["training_examples"] > 0
+        assert 0 <= row["harmful_safety"] <= 1 and row["wall_seconds"] > 0
+        assert Path(row["run_dir"]) == root / row["recipe"]
+        assert (root / row["recipe"] / "report.html").exists()
+    by = {r["recipe"]: r for r in rows}
+    assert by["pt_align"]["human_items"] == 25  # the packaged seed file
+    # The start policy was evaluated once: the other recipes adopted it, so they agree on it.
+    for recipe in ("pt_align", "combined"):
+        manifest = json.loads((root / recipe / "manifest.json").read_text())
+        assert manifest["stages"]["baseline/evaluate"]["adopted_from"] == str(root / "selfmoa")
+    baselines = {r: json.loads((root / r / "baseline" / "metrics.json").read_text()) for r in by}
+    assert baselines["selfmoa"] == baselines["pt_align"] == baselines["combined"]
+
+
+@pytest.mark.slow
+def test_pt_align_runs_every_stage_and_trains_on_marked_triples(comparison):
+    root, _ = comparison
+    run = root / "pt_align"
+    manifest = json.loads((run / "manifest.json").read_text())
+    for stage in PT_STAGES:
+        assert manifest["stages"][f"iter_01/{stage}"]["status"] == "done", stage
+    assert manifest["loop"]["recipe"] == "pt_align" and manifest["loop"]["human_items"] == 25
+    triples = pq.read_table(run / "iter_01" / "triples.parquet").to_pylist()
+    assert len(triples) == manifest["stages"]["iter_01/triples"]["summary"]["triples"] > 0
+    for row in triples:
+        assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]
+        assert all(0 <= s < e <= len(row["toxic"]) for s, e in spans_of(row["harmful_spans"]))
+    train = manifest["stages"]["iter_01/train"]["summary"]
+    assert manifest["config"]["train"]["loss"] == "modpo"  # the recipe trains pt_align itself
+    assert "unlikelihood" in json.dumps(train)
+    assert (run / "iter_01" / "policy" / "config.json").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [p["name"] for p in metrics["policies"]] == ["baseline", "iter_01"]
+    assert metrics["totals"]["human_items"] == 25
+    assert metrics["totals"]["pairs"] == len(triples)  # training examples: the triples
+
+
+@pytest.mark.slow
+def test_the_combined_recipe_marks_unsafe_rejected_answers(comparison):
+    root, _ = comparison
+    run = root / "combined"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["loop"]["recipe"] == "combined"
+    assert manifest["stages"]["iter_01/spans"]["status"] == "done"
+    marked = pq.read_table(run / "iter_01" / "pairs_marked.parquet").to_pylist()
+    pairs = pq.read_table(run / "iter_01" / "pairs.parquet").to_pylist()
+    assert [r["id"] for r in marked] == [r["id"] for r in pairs]
+    assert any(spans_of(r["harmful_spans"]) for r in marked)
+    for row in marked:
+        rejected = row["rejected"][0]["content"]
+        assert all(0 <= s < e <= len(rejected) for s, e in spans_of(row["harmful_spans"]))
+        if row["rejected_safety"] >= 0.5:
+            assert not spans_of(row["harmful_spans"])  # only unsafe rejected answers are marked
+    # The trainer saw the marks: its reported metrics include the unlikelihood term.
+    assert "unlikelihood" in json.dumps(manifest["stages"]["iter_01/train"]["summary"])
