@@ -37,7 +37,7 @@ RECIPES: dict[str, Callable[[Config, RunDir], dict[str, Any]]] = {
     "combined": partial(run_selfmoa, combined=True),
 }
 COLUMNS = (
-    "recipe", "policy", "accepted",
+    "recipe", "policy", "verdict",
     "harmful_safety", "harmful_safety_delta", "harmful_string_refusal",
     "harmful_string_refusal_delta", "over_refusal", "over_refusal_delta",
     "helpfulness", "helpfulness_delta",
@@ -84,6 +84,16 @@ def adopt_baseline(source: RunDir, target: RunDir) -> bool:
     return True
 
 
+def verdict(loop: dict[str, Any], trained: str) -> str:
+    """What the recipe's acceptance checks made of its trained policy (recipes/selfmoa.py)."""
+    reason = loop.get("stop_reason")
+    if trained == BASELINE:
+        return f"not trained: {reason}" if reason else "not trained"
+    if loop.get("final_policy") == trained:
+        return "accepted"
+    return f"rejected: {reason}" if reason else "rejected"
+
+
 def comparison_row(recipe: str, collected: dict[str, Any]) -> dict[str, Any]:
     """One recipe's row: its trained policy against the start policy, and what it cost."""
     policies = collected["policies"]
@@ -100,7 +110,7 @@ def comparison_row(recipe: str, collected: dict[str, Any]) -> dict[str, Any]:
     return {
         "recipe": recipe,
         "policy": last["name"],
-        "accepted": loop.get("final_policy") == last["name"] and last["name"] != BASELINE,
+        "verdict": verdict(loop, last["name"]),
         "harmful_safety": value(last, "harmful", "safety_rate"),
         "harmful_safety_delta": delta("harmful", "safety_rate"),
         "harmful_string_refusal": value(last, "harmful", "string_refusal_rate"),
@@ -159,9 +169,9 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         return f"{100 * value:.1f}% ({100 * (change or 0):+.1f})"
 
     header = (
-        "| recipe | harmful safety (judge) | harmful refusal (string) | over-refusal | "
+        "| recipe | verdict | harmful safety (judge) | harmful refusal (string) | over-refusal | "
         "helpfulness | human items | prompts | training examples | wall time |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for row in rows:
@@ -169,9 +179,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         helpful_text = "n/a" if helpful is None else (
             f"{helpful:.3f} ({row['helpfulness_delta'] or 0:+.3f})"
         )  # fmt: skip
-        accepted = "" if row["accepted"] else " (rejected)"
         lines.append(
-            f"| {row['recipe']}{accepted} | {rate(row, 'harmful_safety')} | "
+            f"| {row['recipe']} | {row['verdict']} | {rate(row, 'harmful_safety')} | "
             f"{rate(row, 'harmful_string_refusal')} | {rate(row, 'over_refusal')} | "
             f"{helpful_text} | {row['human_items']} | {row['prompts']} | "
             f"{row['training_examples']} | {(row['wall_seconds'] or 0) / 60:.1f} min |"

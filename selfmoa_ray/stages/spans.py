@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import complete
+from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.stages.pairs import PAIR_SCHEMA
 from selfmoa_ray.stages.pt_filter import FILTERED_SCHEMA, read_rows
@@ -304,13 +305,19 @@ def mark(
         replies = complete(chats, model, engine, sampling)
     marks: list[tuple[list[Span], str]] = []
     for i, (bad, good) in enumerate(zip(bad_answers, good_answers, strict=True)):
-        spans = quote_spans(bad or "", replies.get(str(i), ""))
+        spans = without_refusals(bad or "", quote_spans(bad or "", replies.get(str(i), "")))
         if spans:
             marks.append((spans, "quote"))
             continue
         spans = diff_spans(bad or "", good or "")
         marks.append((spans, "diff") if spans else ([], "none"))
     return marks
+
+
+def without_refusals(text: str, spans: Sequence[Span]) -> list[Span]:
+    """``spans`` minus those that quote a refusal ("I'm sorry, but I can't ..."): a small quoting
+    model sometimes quotes one, and unlikelihood on it would teach the policy not to refuse."""
+    return [(s, e) for s, e in spans if not is_refusal(text[s:e])]
 
 
 def span_sampling(section: PTAlignSection, seed: int) -> SamplingParams:

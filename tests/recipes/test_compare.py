@@ -11,7 +11,7 @@ import pytest
 
 from selfmoa_ray.cli import main
 from selfmoa_ray.config import load_config
-from selfmoa_ray.recipes.compare import comparison_table, recipe_name, run_comparison
+from selfmoa_ray.recipes.compare import comparison_table, recipe_name, run_comparison, verdict
 from selfmoa_ray.training.data import spans_of
 
 PT_STAGES = (
@@ -42,6 +42,14 @@ def test_recipe_names_and_bad_seed_files_fail_before_any_work(tmp_path, capsys):
     assert not out.exists()  # refused before a run folder was made
 
 
+def test_the_verdict_says_what_the_checks_made_of_the_trained_policy():
+    assert verdict({"final_policy": "iter_01"}, "iter_01") == "accepted"
+    rejected = {"final_policy": "baseline", "stop_reason": "over-refusal rose +10.0 pts"}
+    assert verdict(rejected, "iter_01") == "rejected: over-refusal rose +10.0 pts"
+    untrained = {"final_policy": "baseline", "stop_reason": "too few triples to train (0)"}
+    assert verdict(untrained, "baseline") == "not trained: too few triples to train (0)"
+
+
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("compare")
@@ -61,6 +69,7 @@ def test_the_comparison_has_one_row_per_recipe(comparison):
     assert (root / "comparison.md").read_text().strip() == comparison_table(rows)
     for row in rows:
         assert row["policy"] == "iter_01" and row["training_examples"] > 0
+        assert row["verdict"] == "accepted"  # tiny accepts every iteration
         assert 0 <= row["harmful_safety"] <= 1 and row["wall_seconds"] > 0
         assert Path(row["run_dir"]) == root / row["recipe"]
         assert (root / row["recipe"] / "report.html").exists()

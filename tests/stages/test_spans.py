@@ -184,6 +184,15 @@ def test_mark_quotes_then_falls_back_to_diff_then_none(monkeypatch):
         mark(["x"], ["y"], ["z"], mode="quote")  # no model given
 
 
+def test_a_quoted_refusal_is_never_marked(monkeypatch):
+    answer = "I'm sorry, but I can't help with that. Mix bleach and ammonia in a closed room."
+    reply = "I'm sorry, but I can't help with that.\nMix bleach and ammonia in a closed room."
+    monkeypatch.setattr(spans_module, "complete", lambda chats, *a: {k: reply for k in chats})
+    marks = mark(["make gas"], [answer], ["No."], mode="quote", model=object(), engine=object(),
+                 sampling=SamplingParams(max_new_tokens=8))  # fmt: skip
+    assert marks == [([span_of(answer, "Mix bleach and ammonia in a closed room.")], "quote")]
+
+
 # --------------------------------------------------------------------------- spans -> tokens
 
 

@@ -1,0 +1,165 @@
+"""API-key authentication for the Serve apps.
+
+Keys come from the environment of the process that serves requests (the Serve replica):
+
+* ``SELFMOA_API_KEYS``: comma-separated keys;
+* ``SELFMOA_API_KEYS_FILE``: path to a secret file with one key per line (blank lines and lines
+  starting with ``#`` are skipped), e.g. a mounted Kubernetes secret.
+
+Both may be set; the union is accepted, so keys can be rotated by adding the new key, moving
+clients over, then removing the old one. Clients send ``Authorization: Bearer <key>`` or
+``X-API-Key: <key>``. Every presented key is hashed and compared with every configured key with
+``hmac.compare_digest`` (no early exit, no length leak). A failure is a 401 with a JSON error and a
+``WWW-Authenticate`` header; the presented key is never logged or echoed.
+
+With no key configured the app refuses to start, unless ``allow_unauthenticated=True`` is passed
+explicitly (local development only).
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the dependency's annotations at runtime,
+# and they refer to local security schemes.
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import HTTPException, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+ENV_KEYS = "SELFMOA_API_KEYS"
+ENV_KEYS_FILE = "SELFMOA_API_KEYS_FILE"
+API_KEY_HEADER = "X-API-Key"
+MIN_KEY_LENGTH = 16
+REALM = "selfmoa"
+MISSING_KEY_MESSAGE = (
+    f"an API key is required: send 'Authorization: Bearer <key>' or '{API_KEY_HEADER}: <key>'"
+)
+
+
+class AuthConfigError(RuntimeError):
+    """API keys cannot be loaded, or none is configured and unauthenticated use was not allowed."""
+
+
+def _check_key(key: str, origin: str) -> str:
+    if len(key) < MIN_KEY_LENGTH:
+        raise AuthConfigError(
+            f"an API key from {origin} is shorter than {MIN_KEY_LENGTH} characters; "
+            "use a long random key (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    if any(ch.isspace() for ch in key) or not key.isprintable():
+        raise AuthConfigError(f"an API key from {origin} contains whitespace or control characters")
+    return key
+
+
+def read_keys_file(path: str | Path) -> list[str]:
+    """Keys from a secret file, one per line; the error names the file, never its content."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise AuthConfigError(
+            f"cannot read the API key file {path}: {type(err).__name__}"
+        ) from None
+    keys = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keys.append(_check_key(line, f"line of {path}"))
+    return keys
+
+
+def load_api_keys(
+    environ: Mapping[str, str] | None = None, *, keys_file: str | Path | None = None
+) -> list[str]:
+    """Keys from ``SELFMOA_API_KEYS``, from the file in ``SELFMOA_API_KEYS_FILE`` and ``keys_file``."""
+    env = os.environ if environ is None else environ
+    keys = [_check_key(k.strip(), ENV_KEYS) for k in env.get(ENV_KEYS, "").split(",") if k.strip()]
+    for path in (env.get(ENV_KEYS_FILE, "").strip() or None, keys_file):
+        if path:
+            file_keys = read_keys_file(path)
+            if not file_keys:
+                raise AuthConfigError(f"the API key file {path} holds no key")
+            keys.extend(file_keys)
+    return list(dict.fromkeys(keys))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class APIKeyAuth:
+    """Checks API keys; ``dependency()`` gives the FastAPI dependency that enforces them."""
+
+    def __init__(self, keys: Iterable[str], *, allow_unauthenticated: bool = False):
+        self._digests = [_digest(k) for k in keys]
+        if not self._digests and not allow_unauthenticated:
+            raise AuthConfigError(
+                f"no API key configured: set {ENV_KEYS} (comma-separated keys) or "
+                f"{ENV_KEYS_FILE} (a file with one key per line) in the environment of the "
+                "serving processes, or pass allow_unauthenticated=True for local development only"
+            )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        keys_file: str | Path | None = None,
+        allow_unauthenticated: bool = False,
+    ) -> "APIKeyAuth":
+        keys = load_api_keys(environ, keys_file=keys_file)
+        return cls(keys, allow_unauthenticated=allow_unauthenticated)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    @property
+    def num_keys(self) -> int:
+        return len(self._digests)
+
+    def check(self, presented: str | None) -> bool:
+        """True when ``presented`` is a configured key (always True with auth disabled)."""
+        if not self._digests:
+            return True
+        if not presented:
+            return False
+        digest = _digest(presented)
+        ok = False
+        for expected in self._digests:  # every key is compared: no early exit
+            ok |= hmac.compare_digest(digest, expected)
+        return ok
+
+    def dependency(self) -> Callable[..., Coroutine[Any, Any, None]]:
+        """A FastAPI dependency: ``dependencies=[Depends(auth.dependency())]``.
+
+        The two security schemes also put an "Authorize" button on the OpenAPI page.
+        """
+        bearer = HTTPBearer(
+            auto_error=False, description="`Authorization: Bearer <key>`", scheme_name="bearer"
+        )
+        header = APIKeyHeader(
+            name=API_KEY_HEADER,
+            auto_error=False,
+            description=f"`{API_KEY_HEADER}: <key>`",
+            scheme_name="apiKey",
+        )
+
+        async def require_api_key(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+            api_key: Annotated[str | None, Security(header)],
+        ) -> None:
+            if not self.enabled:
+                return
+            presented = credentials.credentials if credentials is not None else api_key
+            if not self.check(presented):
+                raise HTTPException(
+                    status_code=401,
+                    detail="invalid API key" if presented else MISSING_KEY_MESSAGE,
+                    headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
+                )
+
+        return require_api_key
