@@ -29,6 +29,8 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +41,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 
 from selfmoa_ray.config import JudgeSection, load_config
 from selfmoa_ray.evaluators.composite import CompositeJudge
@@ -164,7 +167,10 @@ class ModerateResponse(BaseModel):
 
 
 class StatsResponse(BaseModel):
-    replica: str = Field(description="this replica's id")
+    replica: str = Field(description="this replica's id, as in Serve's logs")
+    replica_actor: str = Field(
+        description="the replica's Ray actor name (namespace 'serve'), for operators"
+    )
     batching: bool
     max_batch_size: int
     requests: int
@@ -276,6 +282,70 @@ class _Stats:
         self.max_batch_requests = max(self.max_batch_requests, len({p.request for p in pairs}))
 
 
+class _Coalescer:
+    """Runs batches one at a time; batches that queued meanwhile run together as one.
+
+    ``@serve.batch`` forms a batch from the calls that arrive within ``batch_wait_timeout_s`` and
+    hands it over at once, even while the previous batch is still being scored. Under load that
+    leaves a line of small batches waiting for the judge; whoever holds the judge next takes every
+    waiting batch (FIFO, up to ``max_items`` items) and scores them together.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[_Pair]], Awaitable[list[dict[str, Any]]]],
+        lock: asyncio.Lock,
+        max_items: int,
+    ):
+        self._run, self._lock, self._max_items = run, lock, max_items
+        self._waiting: deque[tuple[list[_Pair], asyncio.Future]] = deque()
+
+    def _take(self) -> list[tuple[list[_Pair], asyncio.Future]]:
+        group: list[tuple[list[_Pair], asyncio.Future]] = []
+        size = 0
+        while self._waiting:
+            pairs, future = self._waiting[0]
+            if future.done():  # its caller gave up
+                self._waiting.popleft()
+                continue
+            if group and size + len(pairs) > self._max_items:
+                break
+            group.append(self._waiting.popleft())
+            size += len(pairs)
+        return group
+
+    async def submit(self, pairs: list[_Pair]) -> list[dict[str, Any]]:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        entry = (pairs, future)
+        self._waiting.append(entry)
+        try:
+            while not future.done():
+                async with self._lock:
+                    if future.done():
+                        break
+                    group = self._take()
+                    try:
+                        rows = await self._run([p for ps, _ in group for p in ps])
+                    except asyncio.CancelledError:
+                        # The others are still wanted: the next holder of the lock scores them.
+                        self._waiting.extendleft(reversed([g for g in group if g is not entry]))
+                        raise
+                    except Exception as err:  # every caller in the group gets the error
+                        for _, f in group:
+                            if not f.done():
+                                f.set_exception(err)
+                        continue
+                    start = 0
+                    for ps, f in group:
+                        if not f.done():
+                            f.set_result(rows[start : start + len(ps)])
+                        start += len(ps)
+            return future.result()
+        finally:
+            if not future.done():
+                future.cancel()
+
+
 def _config_label(judge_config: str) -> str:
     # A file path is reported by name only (the server's folders are nobody's business).
     path = Path(judge_config)
@@ -312,15 +382,17 @@ class EvaluatorDeployment:
         self.judge_info = self._judge_info()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._lock = asyncio.Lock()
+        self._coalescer = _Coalescer(self._run_batch, self._lock, s.max_batch_size)
         self._request_ids = itertools.count()
         self._stats = _Stats()
         self._owners: dict[tuple[str, ...], dict[str, tuple[str, str]]] = {}
         self._score_batched.set_max_batch_size(s.max_batch_size)
         self._score_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside Serve (direct construction)
-            self.replica = "local"
+            replica_id = serve.get_replica_context().replica_id
+            self.replica, self.replica_actor = replica_id.unique_id, replica_id.to_full_id_str()
+        except RayServeException:  # constructed outside Serve
+            self.replica, self.replica_actor = "local", ""
 
     # ------------------------------------------------------------------ judge and scoring
 
@@ -383,23 +455,25 @@ class EvaluatorDeployment:
             )
         return rows
 
-    async def _score(self, pairs: list[_Pair]) -> list[dict[str, Any]]:
-        """Score one batch; batches run one at a time, off the event loop."""
-        async with self._lock:
-            if self.settings.test_delay_s:
-                await asyncio.sleep(self.settings.test_delay_s)
-            loop = asyncio.get_running_loop()
-            prompts = [p.prompt for p in pairs]
-            responses = [p.response for p in pairs]
-            columns = await loop.run_in_executor(
-                self._executor, self.judge.score, prompts, responses
-            )
-            self._stats.batch(pairs)
+    async def _run_batch(self, pairs: list[_Pair]) -> list[dict[str, Any]]:
+        """Score one batch off the event loop; callers run one batch at a time."""
+        if self.settings.test_delay_s:
+            await asyncio.sleep(self.settings.test_delay_s)
+        loop = asyncio.get_running_loop()
+        prompts = [p.prompt for p in pairs]
+        responses = [p.response for p in pairs]
+        columns = await loop.run_in_executor(self._executor, self.judge.score, prompts, responses)
+        self._stats.batch(pairs)
         return self._rows(columns, len(pairs))
+
+    async def _score_alone(self, pairs: list[_Pair]) -> list[dict[str, Any]]:
+        """``batching: false``: each request is its own batch."""
+        async with self._lock:
+            return await self._run_batch(pairs)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _score_batched(self, pairs: list[_Pair]) -> list[dict[str, Any]]:
-        return await self._score(pairs)
+        return await self._coalescer.submit(pairs)
 
     async def score_items(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """Rows for ``(prompt, response)`` items, batched with concurrent requests when enabled."""
@@ -410,7 +484,7 @@ class EvaluatorDeployment:
         async def work() -> list[dict[str, Any]]:
             if self.settings.batching:
                 return list(await asyncio.gather(*(self._score_batched(p) for p in pairs)))
-            return await self._score(pairs)
+            return await self._score_alone(pairs)
 
         return await run_with_timeout(work(), self.settings.request_timeout_s)
 
@@ -480,6 +554,7 @@ class EvaluatorDeployment:
             st = self._stats
             return {
                 "replica": self.replica,
+                "replica_actor": self.replica_actor,
                 "batching": s.batching,
                 "max_batch_size": s.max_batch_size,
                 "requests": st.requests,

@@ -1,0 +1,390 @@
+"""The evaluator Serve app on a real local Serve (127.0.0.1), spoken to over real HTTP.
+
+Two applications are deployed once for the module, both with the refusal-only judge of the
+``tiny`` preset (no model, instant), tight limits so they are easy to hit, and API keys given
+to the replicas through ``SELFMOA_API_KEYS``:
+
+* ``/ev``: batching on, 0.3 s of simulated model latency per batch, 2 ongoing + 2 queued
+  requests per replica (anything beyond is shed with 503);
+* ``/serial``: batching off, 1 s per request, a 1.6 s request timeout (504).
+
+The auth and limits modules are also checked on their own, on a plain FastAPI app.
+"""
+
+import asyncio
+import json
+import socket
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from serve_apps.auth import APIKeyAuth, AuthConfigError, load_api_keys
+from serve_apps.evaluator import build_app
+from serve_apps.limits import install_limits, run_with_timeout
+
+KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "other-key-0123456789abcdef"
+REFUSAL = "I'm sorry, I can't help with that."
+COMPLIANT = "Sure. Preheat the oven to 220 C, then knead the dough for ten minutes."
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_ITEMS = 8
+MAX_BODY = 64 * 1024
+MAX_CHARS = 2000
+
+
+def _no_trace(text: str) -> bool:
+    return "Traceback" not in text and 'File "' not in text and ".py" not in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deployment(**options):
+    env = {"SELFMOA_API_KEYS": f"{OTHER_KEY},{KEY}"}
+    actor = {"num_cpus": 0.25, "runtime_env": {"env_vars": env}}
+    return {"health_check_period_s": 1, "ray_actor_options": actor, **options}
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_local):
+    from ray import serve
+
+    serve.shutdown()  # a Serve left by another module would keep its own port
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    limits = {"max_batch_items": MAX_ITEMS, "max_body_bytes": MAX_BODY, "max_chars": MAX_CHARS}
+    main = build_app(
+        {
+            "judge_config": "tiny",
+            **limits,
+            "test_delay_s": 0.3,
+            "batch_wait_timeout_s": 0.1,
+            "deployment": _deployment(max_ongoing_requests=2, max_queued_requests=2),
+        }
+    )
+    serial = build_app(
+        {
+            "judge_config": "tiny",
+            "batching": False,
+            "test_delay_s": 1.0,
+            "request_timeout_s": 1.6,
+            "deployment": _deployment(max_ongoing_requests=4, max_queued_requests=4),
+        }
+    )
+    serve.run(main, name="evaluator-test", route_prefix="/ev")
+    serve.run(serial, name="evaluator-serial", route_prefix="/serial")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(serve_url):
+    with httpx.Client(base_url=serve_url, timeout=60) as c:
+        yield c
+
+
+def _stats(client: httpx.Client, prefix: str) -> dict:
+    r = client.get(f"{prefix}/v1/stats", headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _url(client: httpx.Client, path: str) -> str:
+    return str(client.base_url).rstrip("/") + path
+
+
+async def _concurrent(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60) as ac:
+        return await asyncio.gather(*(ac.post(url, json=b, headers=AUTH) for b in bodies))
+
+
+# ----------------------------------------------------------------- auth and limits, no Ray
+
+
+def test_api_keys_from_env_and_secret_file(tmp_path):
+    secret = tmp_path / "keys"
+    secret.write_text(f"# rotated 2026-01\n{OTHER_KEY}\n\n  {KEY}  \n")
+    env = {"SELFMOA_API_KEYS": f" {KEY} ,", "SELFMOA_API_KEYS_FILE": str(secret)}
+    assert load_api_keys(env) == [KEY, OTHER_KEY]
+    auth = APIKeyAuth.from_env(env)
+    assert auth.check(KEY) and auth.check(OTHER_KEY)
+    assert not auth.check(KEY[:-1]) and not auth.check("") and not auth.check(None)
+
+    with pytest.raises(AuthConfigError, match="SELFMOA_API_KEYS"):
+        APIKeyAuth.from_env({})
+    open_auth = APIKeyAuth.from_env({}, allow_unauthenticated=True)
+    assert not open_auth.enabled and open_auth.check(None)
+    with pytest.raises(AuthConfigError, match="shorter than"):
+        load_api_keys({"SELFMOA_API_KEYS": "short"})
+    with pytest.raises(AuthConfigError, match="cannot read") as err:
+        load_api_keys({"SELFMOA_API_KEYS_FILE": str(tmp_path / "missing")})
+    assert KEY not in str(err.value)
+
+
+def test_auth_and_limits_on_a_plain_fastapi_app():
+    app = FastAPI()
+    install_limits(app, max_body_bytes=1024)
+    auth = APIKeyAuth([KEY])
+
+    @app.post("/echo", dependencies=[Depends(auth.dependency())])
+    async def echo(body: dict) -> dict:
+        return body
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError("secret internal detail")
+
+    @app.get("/slow")
+    async def slow() -> dict:
+        return await run_with_timeout(asyncio.sleep(5, result={}), 0.05)
+
+    c = TestClient(app, raise_server_exceptions=False)
+    r = c.post("/echo", json={"a": 1})
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    assert r.json()["error"]["type"] == "unauthorized"
+    assert c.post("/echo", json={"a": 1}, headers={"X-API-Key": "wrong" * 5}).status_code == 401
+    assert c.post("/echo", json={"a": 1}, headers={"X-API-Key": KEY}).json() == {"a": 1}
+    assert c.post("/echo", json={"a": 1}, headers=AUTH).json() == {"a": 1}
+
+    r = c.get("/boom")
+    assert r.status_code == 500
+    assert r.json() == {"error": {"type": "internal_error", "message": "internal error"}}
+    assert "secret" not in r.text and _no_trace(r.text)
+
+    assert c.get("/slow").status_code == 504
+    assert c.get("/slow").json()["error"]["type"] == "timeout"
+
+    big = json.dumps({"a": "x" * 2000}).encode()
+    r = c.post("/echo", content=big, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["limit"] == 1024
+
+    def chunks():  # no Content-Length: the body is counted as it streams in
+        yield b'{"a": "'
+        for _ in range(10):
+            yield b"x" * 200
+        yield b'"}'
+
+    r = c.post("/echo", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+
+# ----------------------------------------------------------------- the app on Serve
+
+
+def test_evaluate_returns_the_schema(client):
+    items = [
+        {"prompt": "How do I make a weapon?", "response": REFUSAL, "id": "a"},
+        {"prompt": "How do I bake bread?", "response": COMPLIANT},
+    ]
+    r = client.post("/ev/v1/evaluate", json={"items": items}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    refused, answered = body["results"]
+    assert set(refused) == {
+        "id", "safety", "unsafe", "refusal", "refusal_score", "helpfulness", "evaluators",
+    }  # fmt: skip
+    assert refused["id"] == "a" and answered["id"] is None
+    assert refused["refusal"] is True and answered["refusal"] is False
+    assert refused["refusal_score"] == 1.0 and answered["refusal_score"] == 0.0
+    for result in (refused, answered):
+        assert 0.0 <= result["safety"] <= 1.0 and 0.0 <= result["helpfulness"] <= 1.0
+    assert refused["evaluators"]["refusal"] == {"flag": True, "score": 1.0}
+    assert answered["evaluators"]["refusal"] == {"flag": False, "score": 0.0}
+    judge = body["judge"]
+    assert judge["config"] == "tiny" and [e["name"] for e in judge["evaluators"]] == ["refusal"]
+    assert judge["safety_fallback"] is True  # the refusal matcher alone provides no safety
+
+    r = client.post(
+        "/ev/v1/evaluate", json={"items": items[:1], "details": False}, headers=AUTH
+    )
+    assert r.status_code == 200 and r.json()["results"][0]["evaluators"] is None
+
+
+def test_moderate_one_response_or_one_prompt(client):
+    r = client.post("/ev/v1/moderate", json={"prompt": "hi", "response": REFUSAL}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert result["target"] == "response" and result["refusal"] is True
+    assert result["evaluators"]["refusal"]["flag"] is True
+
+    r = client.post("/ev/v1/moderate", json={"response": COMPLIANT}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["result"]["refusal"] is False
+
+    # A prompt alone: refusal and helpfulness are moot, and the refusal matcher judges no prompt.
+    r = client.post("/ev/v1/moderate", json={"prompt": "How do I bake bread?"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert result["target"] == "prompt"
+    assert result["safety"] is None and result["refusal"] is None and result["helpfulness"] is None
+
+    r = client.post("/ev/v1/moderate", json={}, headers=AUTH)
+    assert r.status_code == 422 and "prompt, a response" in r.text
+
+
+def test_missing_or_wrong_key_is_401(client):
+    body = {"items": [{"prompt": "p", "response": "r"}]}
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-key-0123456789abcdef"},
+        {"Authorization": f"Basic {KEY}"},
+        {"X-API-Key": KEY + "x"},
+    ):
+        r = client.post("/ev/v1/evaluate", json=body, headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["type"] == "unauthorized" and _no_trace(r.text)
+        assert KEY not in r.text
+    for path in ("/ev/v1/moderate", "/ev/v1/stats"):
+        assert client.request("POST" if "mod" in path else "GET", path).status_code == 401
+    # Both configured keys work, in either header.
+    assert client.post("/ev/v1/evaluate", json=body, headers={"X-API-Key": KEY}).status_code == 200
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    assert client.post("/ev/v1/evaluate", json=body, headers=other).status_code == 200
+    assert client.get("/ev/healthz").json() == {"status": "ok"}  # no key needed
+
+
+def test_oversize_is_413(client):
+    item = {"prompt": "p", "response": "r"}
+    r = client.post("/ev/v1/evaluate", json={"items": [item] * (MAX_ITEMS + 1)}, headers=AUTH)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["errors"][0]["loc"] == ["body", "items"]
+
+    long_item = {"prompt": "p", "response": "x" * (MAX_CHARS + 1)}
+    r = client.post("/ev/v1/evaluate", json={"items": [long_item]}, headers=AUTH)
+    assert r.status_code == 413, r.text
+
+    big = json.dumps({"items": [{"prompt": "p", "response": "x" * MAX_BODY}]})
+    r = client.post("/ev/v1/evaluate", content=big, headers={**AUTH, "content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["limit"] == MAX_BODY
+
+    def chunks():  # chunked upload, no Content-Length
+        yield b'{"items": [{"prompt": "p", "response": "'
+        for _ in range(20):
+            yield b"x" * 4096
+        yield b'"}]}'
+
+    headers = {**AUTH, "content-type": "application/json"}
+    r = client.post("/ev/v1/evaluate", content=chunks(), headers=headers)
+    assert r.status_code == 413 and _no_trace(r.text)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"items": [{"prompt": "p", "response": ',  # malformed JSON
+        b'{"items": [{"prompt": "p"}]}',  # missing field
+        b'{"items": [{"prompt": 1, "response": ["r"]}]}',  # wrong types
+        b'{"items": []}',  # empty batch
+        b'{"items": [{"prompt": "p", "response": "r"}], "extra": 1}',  # unknown field
+        b'[{"prompt": "p", "response": "r"}]',  # not an object
+    ],
+)
+def test_malformed_is_422(client, content):
+    headers = {**AUTH, "content-type": "application/json"}
+    r = client.post("/ev/v1/evaluate", content=content, headers=headers)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "validation_error" and error["errors"] and _no_trace(r.text)
+    assert all(set(e) == {"loc", "msg", "type"} for e in error["errors"])  # never the input
+
+
+def test_openapi_docs(client):
+    spec = client.get("/ev/openapi.json").json()
+    assert {"/v1/evaluate", "/v1/moderate", "/healthz"} <= set(spec["paths"])
+    evaluate = spec["paths"]["/v1/evaluate"]["post"]
+    assert {"401", "413", "422", "503", "504"} <= set(evaluate["responses"])
+    request = spec["components"]["schemas"]["EvaluateRequest"]
+    assert request["properties"]["items"]["maxItems"] == MAX_ITEMS
+    assert {"bearer", "apiKey"} <= set(spec["components"]["securitySchemes"])
+    docs = client.get("/ev/docs")
+    assert docs.status_code == 200 and "/ev/openapi.json" in docs.text
+
+
+def test_concurrent_requests_share_a_batch(client):
+    before = _stats(client, "/ev")
+    bodies = [{"items": [{"prompt": f"p{i}", "response": REFUSAL}]} for i in range(6)]
+    responses = asyncio.run(_concurrent(_url(client, "/ev/v1/evaluate"), bodies))
+    assert [r.status_code for r in responses] == [200] * 6  # 2 ongoing + 2 queued, refilled
+    after = _stats(client, "/ev")
+    assert after["batching"] is True and after["requests"] - before["requests"] == 6
+    assert after["max_batch_requests"] >= 2, after
+    assert after["batches"] - before["batches"] < 6, after
+
+
+def test_batching_off_scores_requests_alone_and_slow_ones_time_out(client):
+    bodies = [{"items": [{"prompt": "p", "response": REFUSAL}]} for _ in range(3)]
+    t0 = time.monotonic()
+    responses = asyncio.run(_concurrent(_url(client, "/serial/v1/evaluate"), bodies))
+    codes = Counter(r.status_code for r in responses)
+    # 1 s per request, one at a time, 1.6 s allowed: the first can finish, the others cannot.
+    assert set(codes) <= {200, 504} and codes[504] >= 2, codes
+    for r in responses:
+        if r.status_code == 504:
+            assert r.json()["error"]["type"] == "timeout" and _no_trace(r.text)
+    assert time.monotonic() - t0 < 10
+    stats = _stats(client, "/serial")
+    assert stats["batching"] is False and stats["max_batch_requests"] <= 1, stats
+
+
+def test_burst_is_shed_with_503_and_the_app_stays_healthy(client):
+    bodies = [{"items": [{"prompt": f"p{i}", "response": COMPLIANT}]} for i in range(40)]
+    t0 = time.monotonic()
+    responses = asyncio.run(_concurrent(_url(client, "/ev/v1/evaluate"), bodies))
+    elapsed = time.monotonic() - t0
+    codes = Counter(r.status_code for r in responses)
+    assert codes[503] >= 20 and codes[200] >= 2, codes
+    assert set(codes) <= {200, 503}, codes
+    assert all(_no_trace(r.text) for r in responses if r.status_code == 503)
+    assert elapsed < 20  # shed at once, not queued without bound
+    # Healthy right after.
+    assert client.get("/ev/healthz").status_code == 200
+    body = {"items": [{"prompt": "p", "response": REFUSAL}]}
+    r = client.post("/ev/v1/evaluate", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json()["results"][0]["refusal"] is True
+
+
+def test_killed_replica_is_replaced(client):
+    import ray
+    from ray import serve
+
+    old = _stats(client, "/ev")
+    actor = ray.get_actor(old["replica_actor"], namespace="serve")
+    body = {"items": [{"prompt": "p", "response": REFUSAL}]}
+
+    async def kill_under_load() -> list:
+        async with httpx.AsyncClient(timeout=60) as ac:
+            url = _url(client, "/ev/v1/evaluate")
+            pending = [asyncio.create_task(ac.post(url, json=body, headers=AUTH)) for _ in range(4)]
+            await asyncio.sleep(0.15)  # requests in flight (0.3 s per batch)
+            ray.kill(actor, no_restart=True)
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+    in_flight = asyncio.run(kill_under_load())
+    for r in in_flight:  # failed or served, never a stack trace
+        if isinstance(r, httpx.Response):
+            assert _no_trace(r.text), r.text
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            r = client.post("/ev/v1/evaluate", json=body, headers=AUTH, timeout=10)
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "no replica served a request within 60 s"
+        time.sleep(0.5)
+    assert r.json()["results"][0]["refusal"] is True
+    new = _stats(client, "/ev")
+    assert new["replica"] != old["replica"]
+    app = serve.status().applications["evaluator-test"]
+    assert app.status == "RUNNING"
+    deployment = app.deployments["EvaluatorDeployment"]
+    assert deployment.status == "HEALTHY" and deployment.replica_states.get("RUNNING") == 1
