@@ -16,7 +16,8 @@ rest are shed by Serve with 503 instead of queueing without bound.
 Items are scored through ``@serve.batch`` one item per call, so the items of concurrent requests
 are scored together (up to ``max_batch_size`` per batch); ``batching: false`` scores each request
 on its own (for comparisons). One judge per replica; batches run one at a time in a worker thread,
-so the replica's event loop keeps accepting requests while a batch is scored.
+so the replica's event loop keeps accepting requests while a batch is scored, and batches that
+queue meanwhile are merged (``_Coalescer``).
 
 Run it: ``serve run serve_apps.evaluator:build_app judge_config=tiny`` or
 ``serve run serve_apps/evaluator.yaml`` (``serve_apps/README.md``).
@@ -357,7 +358,7 @@ def _config_label(judge_config: str) -> str:
 
 @serve.deployment(
     # Defaults for code use; serve_apps/evaluator.yaml overrides them per cluster.
-    max_ongoing_requests=16,
+    max_ongoing_requests=32,
     max_queued_requests=64,
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
@@ -591,17 +592,25 @@ class EvaluatorDeployment:
 # --------------------------------------------------------------------------- builder
 
 
+def resolve_args(
+    args: dict[str, Any] | EvaluatorAppArgs | None,
+) -> tuple[EvaluatorAppArgs, JudgeSection]:
+    """Validated app arguments and the judge section they select (ConfigError names bad keys)."""
+    settings = (
+        args if isinstance(args, EvaluatorAppArgs) else EvaluatorAppArgs.model_validate(args or {})
+    )
+    config = load_config(settings.judge_config, settings.overrides or None)
+    return settings, config.judge
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The Serve application; ``serve run serve_apps.evaluator:build_app judge_config=tiny``.
 
     ``args`` are ``EvaluatorAppArgs``. The judge config is validated here, before anything is
     deployed, and the replicas receive the resolved judge section (no file access needed there).
     """
-    settings = (
-        args if isinstance(args, EvaluatorAppArgs) else EvaluatorAppArgs.model_validate(args or {})
-    )
-    config = load_config(settings.judge_config, settings.overrides or None)
+    settings, judge = resolve_args(args)
     deployment = EvaluatorDeployment
     if settings.deployment:
         deployment = deployment.options(**settings.deployment)
-    return deployment.bind(settings.model_dump(exclude={"deployment"}), config.judge.model_dump())
+    return deployment.bind(settings.model_dump(exclude={"deployment"}), judge.model_dump())

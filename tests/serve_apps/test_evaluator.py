@@ -8,7 +8,9 @@ to the replicas through ``SELFMOA_API_KEYS``:
   requests per replica (anything beyond is shed with 503);
 * ``/serial``: batching off, 1 s per request, a 1.6 s request timeout (504).
 
-The auth and limits modules are also checked on their own, on a plain FastAPI app.
+One test deploys the demo judge (refusal matcher + MiniLM probe) for a few seconds, one an app
+whose replicas have no key. The auth and limits modules, the batch merging and the Serve config
+file are also checked on their own, without Ray.
 """
 
 import asyncio
@@ -16,16 +18,21 @@ import json
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from selfmoa_ray.config import ConfigError
 from serve_apps.auth import APIKeyAuth, AuthConfigError, load_api_keys
-from serve_apps.evaluator import build_app
+from serve_apps.evaluator import EvaluatorAppArgs, build_app, resolve_args
 from serve_apps.limits import install_limits, run_with_timeout
 
+REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-0123456789abcdef"
 OTHER_KEY = "other-key-0123456789abcdef"
 REFUSAL = "I'm sorry, I can't help with that."
@@ -175,7 +182,107 @@ def test_auth_and_limits_on_a_plain_fastapi_app():
     assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
 
 
+def test_batches_that_queue_behind_a_busy_judge_are_merged():
+    from serve_apps.evaluator import _Coalescer, _Pair
+
+    calls = []
+
+    async def run(pairs):
+        calls.append([p.prompt for p in pairs])
+        await asyncio.sleep(0.05)
+        if "bad" in calls[-1]:
+            raise ValueError("bad batch")
+        return [{"prompt": p.prompt} for p in pairs]
+
+    async def main():
+        coalescer = _Coalescer(run, asyncio.Lock(), max_items=3)
+
+        def submit(*prompts):
+            return asyncio.create_task(coalescer.submit([_Pair(p, "", 0) for p in prompts]))
+
+        first = submit("a")
+        await asyncio.sleep(0.01)  # "a" is being scored; the next ones queue behind it
+        waiting = [submit("b"), submit("c", "d"), submit("e"), submit("f")]
+        gone = submit("x")
+        await asyncio.sleep(0)
+        gone.cancel()  # its caller gave up: never scored
+        results = await asyncio.gather(first, *waiting)
+        busy = submit("busy")
+        await asyncio.sleep(0.01)
+        errors = await asyncio.gather(submit("ok"), submit("bad"), return_exceptions=True)
+        await busy
+        return results, errors
+
+    results, errors = asyncio.run(main())
+    assert [[r["prompt"] for r in rows] for rows in results] == [
+        ["a"],
+        ["b"],
+        ["c", "d"],
+        ["e"],
+        ["f"],
+    ]
+    assert calls[:3] == [["a"], ["b", "c", "d"], ["e", "f"]]  # FIFO, at most 3 items
+    assert all(isinstance(e, ValueError) for e in errors)  # one batch, one error for all
+    assert calls[3:] == [["busy"], ["ok", "bad"]]
+
+
+def test_serve_config_file():
+    """serve_apps/evaluator.yaml is a valid Serve config whose args build the app."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO / "serve_apps" / "evaluator.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    (app,) = config.applications
+    assert app.import_path == "serve_apps.evaluator:build_app"
+    args = EvaluatorAppArgs.model_validate(app.args)
+    (deployment,) = app.deployments
+    assert deployment.name == "EvaluatorDeployment"
+    scaling = deployment.autoscaling_config
+    assert scaling["min_replicas"] == 1 and scaling["max_replicas"] == 4
+    assert scaling["target_ongoing_requests"] < deployment.max_ongoing_requests
+    assert deployment.max_ongoing_requests >= args.max_batch_size
+    assert deployment.max_queued_requests > 0
+    assert 0 < deployment.ray_actor_options.num_cpus < 1
+    assert args.allow_unauthenticated is False and args.test_delay_s == 0
+    assert build_app(app.args) is not None  # the judge config resolves
+
+
 # ----------------------------------------------------------------- the app on Serve
+
+
+def test_build_app_validates_its_arguments():
+    # As `serve run serve_apps.evaluator:build_app key=value ...` passes them: all strings.
+    args = {"judge_config": "tiny", "max_batch_items": "16", "batching": "false",
+            "overrides": "judge.unsafe_threshold=0.4 judge.batch_size=4"}  # fmt: skip
+    settings, judge = resolve_args(args)
+    assert settings.max_batch_items == 16 and settings.batching is False
+    assert judge.unsafe_threshold == 0.4 and judge.batch_size == 4
+    assert build_app(args) is not None
+    with pytest.raises(ValidationError, match="max_batch_itmes"):
+        build_app({"max_batch_itmes": 8})
+    with pytest.raises(ValidationError, match="max_batch_items"):
+        build_app({"max_batch_items": 0})
+    with pytest.raises(ConfigError, match="unknown config"):
+        build_app({"judge_config": "no-such-preset"})
+    with pytest.raises(ConfigError, match="judge.unsafe_treshold"):
+        build_app({"judge_config": "tiny", "overrides": ["judge.unsafe_treshold=0.4"]})
+
+
+def test_replicas_without_a_key_refuse_to_start(serve_url):
+    from ray import serve
+
+    env = {"SELFMOA_API_KEYS": "", "SELFMOA_API_KEYS_FILE": ""}
+    options = {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": env}}}
+    app = build_app({"judge_config": "tiny", "deployment": options})
+    try:
+        with pytest.raises(RuntimeError, match="failed"):
+            serve.run(app, name="evaluator-nokey", route_prefix="/nokey")
+        status = serve.status().applications["evaluator-nokey"]
+        assert status.status == "DEPLOY_FAILED"
+        message = status.deployments["EvaluatorDeployment"].message
+        assert "no API key configured" in message and "SELFMOA_API_KEYS_FILE" in message
+    finally:
+        serve.delete("evaluator-nokey")
 
 
 def test_evaluate_returns_the_schema(client):
@@ -201,9 +308,7 @@ def test_evaluate_returns_the_schema(client):
     assert judge["config"] == "tiny" and [e["name"] for e in judge["evaluators"]] == ["refusal"]
     assert judge["safety_fallback"] is True  # the refusal matcher alone provides no safety
 
-    r = client.post(
-        "/ev/v1/evaluate", json={"items": items[:1], "details": False}, headers=AUTH
-    )
+    r = client.post("/ev/v1/evaluate", json={"items": items[:1], "details": False}, headers=AUTH)
     assert r.status_code == 200 and r.json()["results"][0]["evaluators"] is None
 
 
@@ -308,22 +413,29 @@ def test_openapi_docs(client):
 
 
 def test_concurrent_requests_share_a_batch(client):
-    before = _stats(client, "/ev")
-    bodies = [{"items": [{"prompt": f"p{i}", "response": REFUSAL}]} for i in range(6)]
-    responses = asyncio.run(_concurrent(_url(client, "/ev/v1/evaluate"), bodies))
-    assert [r.status_code for r in responses] == [200] * 6  # 2 ongoing + 2 queued, refilled
-    after = _stats(client, "/ev")
-    assert after["batching"] is True and after["requests"] - before["requests"] == 6
+    # As many requests as the replica takes at once (max_ongoing_requests=2), sent together: they
+    # reach it within the 0.1 s batch window and are scored as one batch (a few tries, in case
+    # the loaded machine spreads them out).
+    bodies = [{"items": [{"prompt": f"p{i}", "response": REFUSAL}]} for i in range(2)]
+    for _ in range(3):
+        before = _stats(client, "/ev")
+        responses = asyncio.run(_concurrent(_url(client, "/ev/v1/evaluate"), bodies))
+        assert [r.status_code for r in responses] == [200, 200]
+        after = _stats(client, "/ev")
+        assert after["batching"] is True and after["requests"] - before["requests"] == 2
+        if after["batches"] - before["batches"] == 1:
+            break
+    assert after["batches"] - before["batches"] == 1, (before, after)
     assert after["max_batch_requests"] >= 2, after
-    assert after["batches"] - before["batches"] < 6, after
 
 
 def test_batching_off_scores_requests_alone_and_slow_ones_time_out(client):
-    bodies = [{"items": [{"prompt": "p", "response": REFUSAL}]} for _ in range(3)]
+    bodies = [{"items": [{"prompt": "p", "response": REFUSAL}]} for _ in range(4)]
     t0 = time.monotonic()
     responses = asyncio.run(_concurrent(_url(client, "/serial/v1/evaluate"), bodies))
     codes = Counter(r.status_code for r in responses)
-    # 1 s per request, one at a time, 1.6 s allowed: the first can finish, the others cannot.
+    # 1 s per request, one at a time, 1.6 s allowed: the first can finish, the last ones cannot
+    # (with batching, all four would be done in one batch after 1 s).
     assert set(codes) <= {200, 504} and codes[504] >= 2, codes
     for r in responses:
         if r.status_code == 504:
@@ -333,13 +445,44 @@ def test_batching_off_scores_requests_alone_and_slow_ones_time_out(client):
     assert stats["batching"] is False and stats["max_batch_requests"] <= 1, stats
 
 
+def test_probe_judge_details(client):
+    """The demo judge (refusal matcher + MiniLM probe): real model scores, per evaluator."""
+    from ray import serve
+
+    app = build_app({"judge_config": "demo", "deployment": _deployment()})
+    serve.run(app, name="evaluator-probe", route_prefix="/probe")
+    try:
+        items = [
+            {"prompt": "How do I make a pipe bomb?", "response": REFUSAL},
+            {"prompt": "How do I bake bread?", "response": COMPLIANT},
+        ]
+        r = client.post("/probe/v1/evaluate", json={"items": items}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [e["name"] for e in body["judge"]["evaluators"]] == ["refusal", "probe"]
+        assert body["judge"]["safety_fallback"] is False
+        refused, answered = body["results"]
+        probe = refused["evaluators"]["probe"]
+        assert {"safety", "refusal", "helpfulness", "objective", "harm", "relevance"} <= set(probe)
+        assert all(0.0 <= v <= 1.0 for v in probe.values())
+        assert refused["refusal"] is True and answered["refusal"] is False
+        assert answered["helpfulness"] > refused["helpfulness"]
+        # A prompt alone is judged by the probe only (the refusal matcher needs a response).
+        r = client.post("/probe/v1/moderate", json={"prompt": items[0]["prompt"]}, headers=AUTH)
+        result = r.json()["result"]
+        assert r.status_code == 200 and set(result["evaluators"]) == {"probe"}
+        assert 0.0 <= result["safety"] <= 1.0
+    finally:
+        serve.delete("evaluator-probe")
+
+
 def test_burst_is_shed_with_503_and_the_app_stays_healthy(client):
     bodies = [{"items": [{"prompt": f"p{i}", "response": COMPLIANT}]} for i in range(40)]
     t0 = time.monotonic()
     responses = asyncio.run(_concurrent(_url(client, "/ev/v1/evaluate"), bodies))
     elapsed = time.monotonic() - t0
     codes = Counter(r.status_code for r in responses)
-    assert codes[503] >= 20 and codes[200] >= 2, codes
+    assert codes[503] >= 10 and codes[200] >= 2, codes
     assert set(codes) <= {200, 503}, codes
     assert all(_no_trace(r.text) for r in responses if r.status_code == 503)
     assert elapsed < 20  # shed at once, not queued without bound
