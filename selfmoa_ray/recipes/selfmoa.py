@@ -94,7 +94,7 @@ def run_selfmoa(config: Config, run: RunDir, *, combined: bool = False) -> dict[
         state["final_policy_path"] = str(
             run.path(accepted, "policy") if accepted != BASELINE else config.policy.source
         )
-        state["human_items"] = human_items(run)
+        state["human_items"] = human_items(run, config)
         run.manifest["loop"] = state
         run.save()
     finally:
@@ -202,12 +202,13 @@ def stop_reason(
     return None
 
 
-def human_items(run: RunDir) -> int:
-    """Human-written prompts the loop started from (seeds and benign prompts); no human labels."""
+def human_items(run: RunDir, config: Config) -> int:
+    """Human-written items the loop started from: the seed and benign prompts its red team drew
+    on, and the messages of ``sampling.guide``; no human labels."""
     seeds: set[str] = set()
     for path in sorted(run.root.glob("iter_*/prompts.parquet")):
         seeds |= set(pq.read_table(path, columns=["seed_id"]).column("seed_id").to_pylist())
-    return len(seeds - {""})
+    return len(seeds - {""}) + len(config.sampling.guide or [])
 
 
 def policy_metric(run: RunDir, name: str, split: str, key: str) -> float:

@@ -75,6 +75,7 @@ def test_the_comparison_has_one_row_per_recipe(comparison):
         assert (root / row["recipe"] / "report.html").exists()
     by = {r["recipe"]: r for r in rows}
     assert by["pt_align"]["human_items"] == 25  # the packaged seed file
+    assert by["selfmoa"]["human_items"] == by["combined"]["human_items"] > 0  # their seed prompts
     # The start policy was evaluated once: the other recipes adopted it, so they agree on it.
     for recipe in ("pt_align", "combined"):
         manifest = json.loads((root / recipe / "manifest.json").read_text())

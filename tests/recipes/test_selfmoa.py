@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from selfmoa_ray.cli import main
 from selfmoa_ray.config import LoopSection, load_config
-from selfmoa_ray.recipes.selfmoa import check_recipe, stop_reason
+from selfmoa_ray.recipes.selfmoa import check_recipe, human_items, stop_reason
+from selfmoa_ray.rundir import RunDir, write_parquet
 
 STAGES = ("redteam", "sample", "judge", "failures", "pairs", "reference", "train", "evaluate")
 
@@ -34,6 +36,17 @@ def test_stop_rule():
     never = LoopSection(iterations=3, min_gain=-1.0, max_over_refusal_rise=1.0,
                         max_helpfulness_drop=1.0)  # fmt: skip
     assert stop_reason(-1.0, 1.0, 1, never, helpfulness_drop=1.0) is None
+
+
+def test_human_items_count_seed_prompts_once_and_the_guide(tmp_path):
+    config = load_config("demo")
+    run = RunDir.create(tmp_path / "run", config)
+    for t, seeds in ((1, ["a", "b", "", "a"]), (2, ["b", "c"])):
+        table = pa.table({"seed_id": seeds})
+        write_parquet(run.path(f"iter_{t:02d}", "prompts.parquet"), table)
+    assert len(config.sampling.guide) == 5  # the demo's system prompt and two example turns
+    assert human_items(run, config) == 3 + 5
+    assert human_items(run, load_config("tiny")) == 3  # no guide
 
 
 def test_the_loop_refuses_a_loss_it_cannot_train(tmp_path, capsys):
