@@ -31,7 +31,7 @@ from selfmoa_ray.stages.pt_prompts import (
     Chat,
     Generate,
     clean_answer,
-    fewshot_chat,
+    draft_round,
     numbered,
     one_line,
     pool_generator,
@@ -128,11 +128,7 @@ def positive_items(
     ]
     rules = numbered(seeds.positive_constraints)
     system = POSITIVE_SYSTEM.format(rules=rules)
-    drafts = generate(
-        {i.id: fewshot_chat(system, seeds.demonstrations_for(i.domain), "positive", i.text)
-         for i in items},
-        seed,
-    )  # fmt: skip
+    drafts = draft_round(items, system, seeds, "positive", generate, seed)
     for item in items:
         item.draft = item.answer = clean_answer(drafts.get(item.id, ""))
     for r in range(rounds):

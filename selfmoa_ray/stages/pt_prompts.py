@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import complete
-from selfmoa_ray.sources.human_seeds import Demonstration
+from selfmoa_ray.sources.human_seeds import Demonstration, HumanSeeds
 
 Chat = list[dict[str, str]]
 # {id: chat} and a sampling seed in, {id: completion} out: one batched generation round.
@@ -111,6 +111,21 @@ def fewshot_chat(
         *fewshot_turns(demonstrations, answer),
         {"role": "user", "content": instruction},
     ]
+
+
+def draft_round(
+    items: Sequence[Any],
+    system: str,
+    seeds: HumanSeeds,
+    answer: Literal["positive", "toxic"],
+    generate: Generate,
+    seed: int,
+) -> dict[str, str]:
+    """One batched round of first drafts: each item's instruction after ``system`` and its
+    domain's demonstrations with their ``answer`` side ({item id: draft})."""
+    chats = {i.id: fewshot_chat(system, seeds.demonstrations_for(i.domain), answer, i.text)
+             for i in items}  # fmt: skip
+    return generate(chats, seed)
 
 
 def rotated(items: Sequence[str], k: int) -> list[str]:

@@ -30,7 +30,7 @@ from selfmoa_ray.stages.pt_prompts import (
     Chat,
     Generate,
     clean_answer,
-    fewshot_chat,
+    draft_round,
     numbered,
     one_line,
     pool_generator,
@@ -114,11 +114,7 @@ def toxic_items(
     ]
     rules = numbered(seeds.toxic_constraints)
     system = TOXIC_SYSTEM.format(rules=rules)
-    drafts = generate(
-        {i.id: fewshot_chat(system, seeds.demonstrations_for(i.domain), "toxic", i.text)
-         for i in items},
-        seed,
-    )  # fmt: skip
+    drafts = draft_round(items, system, seeds, "toxic", generate, seed)
     for item in items:
         record_draft(item, drafts.get(item.id, ""))
     active = [i for i in items if not i.refused]
