@@ -52,11 +52,40 @@ class RaySection(Section):
     include_dashboard: bool | None = None
 
 
+class EndpointSection(Section):
+    """An OpenAI-compatible chat endpoint in place of local weights: audit a deployed model (ours,
+    behind serve_apps/policy.py, or another vendor's) with no weights at hand (engines/endpoint.py).
+    """
+
+    base_url: str = Field(
+        pattern=r"^https?://\S+$", description="the API root, e.g. http://127.0.0.1:8000/policy/v1"
+    )
+    model: str = Field(min_length=1, description="the model name the endpoint serves")
+    # The key itself never goes in a config file: only the name of the variable that holds it.
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable with the API key; null: send none"
+    )
+    concurrency: int = Field(1, ge=1, description="Ray actors sending requests")
+    batch_size: int = Field(16, ge=1, description="requests per Ray Data batch")
+    qps: int | None = Field(None, ge=1, description="requests per second per actor (rate limits)")
+    max_retries: int = Field(3, ge=0, description="retries on 408/429/502/503/504, with backoff")
+
+
 class ModelSection(Section):
     # "packaged:smollm2-135m-instruct", "tiny-random", "tiny-random:seed=N", a local folder or a hub id.
     source: str = "packaged:smollm2-135m-instruct"
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Set: the model is answered by this endpoint and ``source`` is not loaded. Such a model can be
+    # evaluated and red-teamed, never trained (it has no weights here).
+    endpoint: EndpointSection | None = None
+
+    @property
+    def label(self) -> str:
+        """What to call the model in manifests and reports."""
+        if self.endpoint:
+            return f"endpoint:{self.endpoint.model}@{self.endpoint.base_url}"
+        return self.source
 
 
 class EngineSection(Section):
@@ -133,6 +162,11 @@ class RedteamSection(Section):
         "share of the budget, so that none starves; the rest follows the failure rates",
     )
     few_shot: int = Field(3, ge=0)
+    rounds: int = Field(
+        2,
+        ge=1,
+        description="`selfmoa redteam`: attack rounds, each aimed at the last one's successes",
+    )
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(96, ge=1)

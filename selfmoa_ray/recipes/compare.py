@@ -58,6 +58,11 @@ def check_recipes(config: Config, recipes: Sequence[str]) -> None:
     names = [recipe_name(r) for r in recipes]
     if len(set(names)) != len(names):
         raise ValueError(f"each recipe once, please: {list(recipes)}")
+    if config.policy.endpoint:
+        raise ValueError(
+            f"policy.endpoint ({config.policy.label}) has no weights here to train; audit it with "
+            "`selfmoa evaluate` or `selfmoa redteam`, or set policy.source to local weights"
+        )
     if {"selfmoa", "combined"} & set(names):
         check_recipe(config)
     if {"pt_align", "combined"} & set(names):

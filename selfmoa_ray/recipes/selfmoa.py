@@ -113,22 +113,7 @@ def run_iteration(
     def done(name: str, entry: dict[str, Any]) -> dict[str, Any]:
         return stage_done(run, entry, f"{it}/{name}")
 
-    done("redteam", redteam(run, config, iteration=t, generator=generator,
-                            out=f"{it}/prompts.parquet"))  # fmt: skip
-    done("sample", sample(
-        run, stage=f"{it}/sample", prompts=f"{it}/prompts.parquet",
-        out=f"{it}/responses.parquet", model=policy, engine=config.engine,
-        sampling=SamplingParams(
-            n=config.sampling.n, temperature=config.sampling.temperature,
-            top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens,
-            seed=config.run.seed + t,
-        ),
-        guide=[m.model_dump() for m in config.sampling.guide or []],
-    ))  # fmt: skip
-    done("judge", judge(run, stage=f"{it}/judge", responses=f"{it}/responses.parquet",
-                        out=f"{it}/scored.parquet", config=config.judge))  # fmt: skip
-    done("failures", failures(run, stage=f"{it}/failures", scored=f"{it}/scored.parquet",
-                              out=f"{it}/failures.parquet", unsafe_threshold=threshold))  # fmt: skip
+    attack_round(config, run, t, policy, guided=True)
     kept = done("pairs", pairs(run, stage=f"{it}/pairs", scored=f"{it}/scored.parquet",
                                out=f"{it}/pairs.parquet", section=config.pairs,
                                unsafe_threshold=threshold))["summary"]["pairs"]  # fmt: skip
@@ -158,6 +143,40 @@ def run_iteration(
     trained = policy.model_copy(update={"source": str(run.path(it, "policy"))})
     done("evaluate", evaluate_policy(run, config, trained, it))
     return trained
+
+
+def attack_round(
+    config: Config, run: RunDir, t: int, policy: ModelSection, *, guided: bool
+) -> dict[str, Any]:
+    """Round ``t`` of targeted red-teaming: attacks aimed at round t-1's successes, ``policy``'s
+    answers (and, when ``guided``, answers under ``sampling.guide``), their scores, and the
+    attacks that succeeded; returns the ``failures`` stage's summary. The loop's iterations and
+    the red-team-only recipe (recipes/redteam.py) share it."""
+    it = iteration_dir(t)
+
+    def done(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+        return stage_done(run, entry, f"{it}/{name}")
+
+    done("redteam", redteam(run, config, iteration=t,
+                            generator=config.redteam.generator or policy,
+                            out=f"{it}/prompts.parquet"))  # fmt: skip
+    done("sample", sample(
+        run, stage=f"{it}/sample", prompts=f"{it}/prompts.parquet",
+        out=f"{it}/responses.parquet", model=policy, engine=config.engine,
+        sampling=SamplingParams(
+            n=config.sampling.n, temperature=config.sampling.temperature,
+            top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens,
+            seed=config.run.seed + t,
+        ),
+        guide=[m.model_dump() for m in config.sampling.guide or []] if guided else None,
+    ))  # fmt: skip
+    done("judge", judge(run, stage=f"{it}/judge", responses=f"{it}/responses.parquet",
+                        out=f"{it}/scored.parquet", config=config.judge,
+                        dtype=config.policy.dtype))  # fmt: skip
+    return done("failures", failures(
+        run, stage=f"{it}/failures", scored=f"{it}/scored.parquet",
+        out=f"{it}/failures.parquet", unsafe_threshold=config.judge.unsafe_threshold,
+    ))["summary"]  # fmt: skip
 
 
 def check_policy(run: RunDir, name: str, accepted: str, t: int, loop: LoopSection) -> str | None:

@@ -49,7 +49,7 @@ def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str)
         ds = judge_dataset(ds, config.judge, model.dtype)
         rows = sorted(ds.take_all(), key=lambda r: (r["id"], r["sample_index"]))
         write_parquet(run.path(responses), pa.Table.from_pylist(rows))
-        summary = {"model": model.source, "splits": summarize(rows, config.judge.unsafe_threshold)}
+        summary = {"model": model.label, "splits": summarize(rows, config.judge.unsafe_threshold)}
         write_json(run.path(metrics), summary)
         return summary
 

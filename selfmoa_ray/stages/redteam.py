@@ -378,7 +378,7 @@ def redteam_rows(
         "by_style": dict(Counter(a.style for a in rows)),
         "jailbreak_wrapped": sum(1 for a in attacks if a.template),
         "human_seeds": len({a.seed_id for a in attacks}),
-        "generator": generator.source,
+        "generator": generator.label,
     }
     return rows, summary
 

@@ -90,7 +90,7 @@ def sample(
         write_dataset(answers.map_batches(drop_chat(sampling.n), batch_format="pyarrow"), run, out)
         table = pq.read_table(run.path(out), columns=["response_tokens", GUIDED])
         return {
-            "model": model.source,
+            "model": model.label,
             "responses": table.num_rows,
             "guided_responses": sum(table.column(GUIDED).to_pylist()),
             "response_tokens": int(sum(table.column("response_tokens").to_pylist())),
