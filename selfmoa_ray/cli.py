@@ -7,6 +7,9 @@ selfmoa run --config demo                          # the Self-MOA loop (make dem
 selfmoa run --config demo --recipe pt-align        # PT-ALIGN (or: --recipe combined)
 selfmoa compare --config demo                      # the recipes side by side, one table
 selfmoa evaluate --config demo --model runs/demo/iter_02/policy --prompts mine.jsonl
+selfmoa evaluate --endpoint http://127.0.0.1:8000/policy/v1 --endpoint-model NAME  # no weights
+selfmoa redteam --config demo --endpoint URL --endpoint-model NAME  # attack rounds, no training
+selfmoa serve --policy runs/demo                   # the aligned model and the judge over HTTP
 selfmoa train --config demo --pairs pairs.parquet  # one preference-optimisation step on your pairs
 selfmoa report runs/demo                           # rebuild report.html / metrics.json / metrics.csv
 """
@@ -35,6 +38,41 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     _config_args(parser)
     parser.add_argument("--output-dir", help="run folder (default: run.output_dir/run.name)")
     parser.add_argument("--resume", action="store_true", help="continue the run in that folder")
+
+
+def _target_args(parser: argparse.ArgumentParser) -> None:
+    """The model under test: local weights (``--model``) or an OpenAI-compatible endpoint."""
+    parser.add_argument("--model", help="model to test (default: policy.source)")
+    parser.add_argument(
+        "--endpoint", metavar="BASE_URL",
+        help="an OpenAI-compatible API root instead of weights, e.g. http://host:8000/policy/v1",
+    )  # fmt: skip
+    parser.add_argument("--endpoint-model", help="the model name the endpoint serves")
+    parser.add_argument(
+        "--api-key-env", default=None,
+        help="environment variable holding the endpoint's key (default: OPENAI_API_KEY)",
+    )  # fmt: skip
+
+
+def _target_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = []
+    if args.model:
+        overrides.append(f"policy.source={args.model}")
+    if args.endpoint or args.endpoint_model:
+        if not (args.endpoint and args.endpoint_model):
+            raise ValueError("--endpoint and --endpoint-model go together")
+        overrides += [f"policy.endpoint.base_url={args.endpoint}",
+                      f"policy.endpoint.model={args.endpoint_model}"]  # fmt: skip
+    if args.api_key_env:
+        overrides.append(f"policy.endpoint.api_key_env={args.api_key_env}")
+    return overrides
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    # serve_apps/ pulls in Ray Serve; only its argument list is read here.
+    from serve_apps.launch import add_serve_arguments
+
+    add_serve_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("evaluate", "audit"):  # "audit": the name of earlier releases
         evaluate = sub.add_parser(name, help="evaluate a model on the held-out sets (and yours)")
         _run_args(evaluate)
-        evaluate.add_argument("--model", help="model to evaluate (default: policy.source)")
+        _target_args(evaluate)
         evaluate.add_argument(
             "--prompts", action="append", default=[], metavar="FILE",
             help="a prompt file (.jsonl/.csv/.parquet) evaluated beside the held-out sets",
         )  # fmt: skip
+
+    redteam = sub.add_parser(
+        "redteam", help="red-team a model (weights or endpoint) in rounds; no training"
+    )
+    _run_args(redteam)
+    _target_args(redteam)
+    redteam.add_argument("--rounds", type=int, help="attack rounds (default: redteam.rounds)")
+
+    serve = sub.add_parser(
+        "serve", help="serve a policy (OpenAI-compatible) and the judge over HTTP (Ray Serve)"
+    )
+    _serve_arguments(serve)
 
     report = sub.add_parser("report", help="rebuild a run's report.html and metrics files")
     report.add_argument("run_dir", help="the run folder (holds manifest.json)")
@@ -129,13 +179,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         return _compare(config, args.output_dir, args.resume, recipes)
     if args.command in ("evaluate", "audit"):
-        overrides = list(args.overrides)
-        if args.model:
-            overrides.append(f"policy.source={args.model}")
+        overrides = [*args.overrides, *_target_overrides(args)]
         if args.prompts:
             overrides.append(f"data.eval_files={[str(Path(p).resolve()) for p in args.prompts]}")
         config = load_config(args.config, overrides)
         return _evaluate(config, args.output_dir, args.resume)
+    if args.command == "redteam":
+        overrides = [*args.overrides, *_target_overrides(args)]
+        if args.rounds is not None:
+            overrides.append(f"redteam.rounds={args.rounds}")
+        config = load_config(args.config, overrides)
+        return _redteam(config, args.output_dir, args.resume)
+    if args.command == "serve":
+        from serve_apps.launch import serve_command
+
+        return serve_command(args)
     if args.command == "report":
         return _report(Path(args.run_dir))
     if args.command == "train":
@@ -215,6 +273,14 @@ def _compare(config: Config, output_dir: str | None, resume: bool, recipes: list
     return 0
 
 
+def _check_target(config: Config) -> None:
+    """An endpoint that cannot answer fails here, before a run folder or Ray exists."""
+    if config.policy.endpoint:
+        from selfmoa_ray.engines.endpoint import check_endpoint
+
+        check_endpoint(config.policy.endpoint)
+
+
 def _evaluate(config: Config, output_dir: str | None, resume: bool) -> int:
     import pyarrow.parquet as pq
 
@@ -222,6 +288,7 @@ def _evaluate(config: Config, output_dir: str | None, resume: bool) -> int:
     from selfmoa_ray.report.tables import print_examples, print_metrics
     from selfmoa_ray.stages.evaluate import evaluate_policy
 
+    _check_target(config)
     run = _run_dir(config, output_dir, resume)
     init_ray(config.ray)
     summary = evaluate_policy(run, config, config.policy, name="baseline")["summary"]
@@ -229,6 +296,19 @@ def _evaluate(config: Config, output_dir: str | None, resume: bool) -> int:
     rows = pq.read_table(run.path("baseline/eval_responses.parquet")).to_pylist()
     print_examples(rows, "eval_harmful")
     print(f"\nrun folder: {run.root}")
+    return 0
+
+
+def _redteam(config: Config, output_dir: str | None, resume: bool) -> int:
+    from selfmoa_ray.ray_runtime import init_ray
+    from selfmoa_ray.recipes.redteam import SUMMARY, run_redteam, summary_lines
+
+    _check_target(config)
+    run = _run_dir(config, output_dir, resume)
+    init_ray(config.ray)
+    summary = run_redteam(config, run)
+    print("\n" + "\n".join(summary_lines(summary)))
+    print(f"\nsummary: {run.path(SUMMARY)}\nrun folder: {run.root}")
     return 0
 
 

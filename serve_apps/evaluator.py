@@ -47,7 +47,7 @@ from ray.serve.exceptions import RayServeException
 from selfmoa_ray.config import JudgeSection, load_config
 from selfmoa_ray.evaluators.composite import CompositeJudge
 from serve_apps.auth import APIKeyAuth
-from serve_apps.limits import install_limits, run_with_timeout
+from serve_apps.limits import OVERLOADED_DOC, error_doc, install_limits, run_with_timeout
 
 logger = logging.getLogger("ray.serve")
 
@@ -183,25 +183,12 @@ class StatsResponse(BaseModel):
     uptime_s: float
 
 
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-def _error_doc(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
-
-
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: _error_doc("missing or invalid API key"),
-    413: _error_doc("body, item count or text length over the limit"),
-    422: _error_doc("malformed JSON or wrong fields"),
-    503: {"description": "overloaded: the request was shed by Serve; retry later"},
-    504: _error_doc("scoring took longer than the app's request timeout"),
+    401: error_doc("missing or invalid API key"),
+    413: error_doc("body, item count or text length over the limit"),
+    422: error_doc("malformed JSON or wrong fields"),
+    503: OVERLOADED_DOC,
+    504: error_doc("scoring took longer than the app's request timeout"),
 }
 
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,6 +51,28 @@ ERROR_TYPES = {
 
 # Pydantic error types that mean "too big" rather than "malformed": reported as 413.
 SIZE_ERROR_TYPES = frozenset({"too_long", "string_too_long", "bytes_too_long"})
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    code: str | None = None  # OpenAI's machine-readable code, where one applies
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body of both apps (and what the OpenAPI documents)."""
+
+    error: ErrorDetail
+
+
+def error_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry for an error status."""
+    return {"model": ErrorResponse, "description": description}
+
+
+# Serve itself sheds these, before the app sees the request (plain text, not ErrorResponse).
+OVERLOADED_DOC = {"description": "overloaded: the request was shed by Serve; retry later"}
 
 
 def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:

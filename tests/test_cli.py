@@ -23,3 +23,13 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "selfmoa"
     out = subprocess.run([script, "config", "presets"], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["cluster-gpu", "demo", "tiny"]
+
+
+def test_serve_refuses_no_keys_and_a_missing_model(monkeypatch, capsys):
+    monkeypatch.delenv("SELFMOA_API_KEYS", raising=False)
+    monkeypatch.delenv("SELFMOA_API_KEYS_FILE", raising=False)
+    assert main(["serve", "--policy", "tiny-random", "--judge-config", "tiny"]) == 2
+    assert "no API key configured" in capsys.readouterr().err
+    monkeypatch.setenv("SELFMOA_API_KEYS", "cli-test-key-0123456789")
+    assert main(["serve", "--policy", "/no/such/model", "--judge-config", "tiny"]) == 2
+    assert "'/no/such/model' does not exist" in capsys.readouterr().err

@@ -1,0 +1,416 @@
+"""The policy Serve app on a real local Serve (127.0.0.1), spoken to by the real OpenAI client.
+
+One application is deployed for the module: the tiny random Llama, saved as the final policy of a
+minimal run folder (so the run-folder resolution is exercised end to end), with tight limits and
+API keys given to the replica through ``SELFMOA_API_KEYS``. The argument model, the run-folder
+resolution and the vLLM config builder are also checked on their own, without Ray.
+"""
+
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from pydantic import ValidationError
+
+from serve_apps.policy import (
+    PolicyAppArgs,
+    PolicySourceError,
+    _StopFilter,
+    build_app,
+    resolve_args,
+    resolve_policy,
+    vllm_llm_config,
+)
+
+KEY = "policy-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+RUN_NAME = "unit"
+SERVED = f"{RUN_NAME}-iter_01"
+MAX_TOKENS_LIMIT = 32
+MAX_BODY = 16 * 1024
+MAX_CHARS = 2000
+MAX_MESSAGES = 8
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def _no_trace(text: str) -> bool:
+    return "Traceback" not in text and 'File "' not in text and ".py" not in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_folder(root: Path, policy: Path | None) -> Path:
+    """A run folder as ``selfmoa run`` leaves it: a manifest naming the final policy."""
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {"run_id": "0123456789ab", "config": {"run": {"name": RUN_NAME}}, "stages": {}}
+    if policy is not None:
+        manifest["loop"] = {"final_policy": "iter_01", "final_policy_path": str(policy)}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished run whose final policy is the tiny model, saved as the trainer saves one."""
+    from selfmoa_ray.sources.models import load_model_and_tokenizer
+
+    root = tmp_path_factory.mktemp("runs") / RUN_NAME
+    policy = root / "iter_01" / "policy"
+    model, tokenizer = load_model_and_tokenizer("tiny-random")
+    model.save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    return _run_folder(root, policy)
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_local, run_dir):
+    from ray import serve
+
+    serve.shutdown()  # a Serve left by another module would keep its own port
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    actor = {"num_cpus": 0.25, "runtime_env": {"env_vars": {"SELFMOA_API_KEYS": KEY}}}
+    app = build_app(
+        {
+            "model": str(run_dir),
+            "max_tokens": 8,
+            "max_tokens_limit": MAX_TOKENS_LIMIT,
+            "max_body_bytes": MAX_BODY,
+            "max_chars": MAX_CHARS,
+            "max_messages": MAX_MESSAGES,
+            "max_n": 3,
+            "num_threads": 1,
+            "deployment": {"health_check_period_s": 1, "ray_actor_options": actor},
+        }
+    )
+    serve.run(app, name="policy-test", route_prefix="/policy")
+    yield f"http://127.0.0.1:{port}/policy"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+# ----------------------------------------------------------------- arguments, no Ray
+
+
+def test_args_reject_unknown_keys_and_bad_values():
+    with pytest.raises(ValidationError, match="max_tokns"):
+        PolicyAppArgs.model_validate({"max_tokns": 8})
+    with pytest.raises(ValidationError, match="backend"):
+        PolicyAppArgs.model_validate({"backend": "tgi"})
+    # As `serve run serve_apps.policy:build_app key=value` passes them: all strings.
+    args = PolicyAppArgs.model_validate({"max_tokens": "16", "allow_unauthenticated": "true"})
+    assert args.max_tokens == 16 and args.allow_unauthenticated is True
+
+
+def test_served_names_and_model_specs(tmp_path):
+    assert resolve_policy("packaged:smollm2-135m-instruct").served_name == "smollm2-135m-instruct"
+    assert resolve_policy("tiny-random:seed=3").served_name == "tiny-random-seed3"
+    assert resolve_policy("tiny-random", "my-model").served_name == "my-model"
+    with pytest.raises(PolicySourceError, match="unknown packaged model"):
+        resolve_policy("packaged:nope")
+    with pytest.raises(PolicySourceError, match="does not exist"):
+        resolve_policy(str(tmp_path / "missing"))
+    with pytest.raises(PolicySourceError, match="neither a Hugging Face model folder"):
+        resolve_policy(str(tmp_path))
+
+
+def test_run_folder_serves_its_final_policy(run_dir, tmp_path):
+    source = resolve_policy(str(run_dir))
+    assert source.spec == str(run_dir / "iter_01" / "policy")
+    assert source.served_name == SERVED and source.run_dir == str(run_dir)
+    settings, _ = resolve_args({"model": str(run_dir)})
+    assert settings.model == source.spec and settings.served_model_name == SERVED
+
+    # A run folder that was moved: the manifest's absolute path is stale, the policy is found.
+    moved = _run_folder(tmp_path / "moved", tmp_path / "gone" / "iter_01" / "policy")
+    (moved / "iter_01").symlink_to(run_dir / "iter_01")
+    assert resolve_policy(str(moved)).spec == str(moved / "iter_01" / "policy")
+
+    # A run whose baseline won serves the starting model spec.
+    baseline = tmp_path / "baseline"
+    _run_folder(baseline, None)
+    manifest = json.loads((baseline / "manifest.json").read_text())
+    manifest["loop"] = {"final_policy": "baseline", "final_policy_path": "tiny-random"}
+    (baseline / "manifest.json").write_text(json.dumps(manifest))
+    assert resolve_policy(str(baseline)).spec == "tiny-random"
+
+
+def test_run_folder_without_a_final_policy_is_a_build_error(tmp_path):
+    unfinished = _run_folder(tmp_path / "unfinished", None)
+    with pytest.raises(PolicySourceError, match="has no final policy") as err:
+        build_app({"model": str(unfinished)})
+    assert "selfmoa run --resume" in str(err.value)
+
+
+def test_stop_sequences_are_held_back_while_streaming():
+    stops = _StopFilter(["END", "\n\n"])
+    pieces = [stops.feed(t) for t in ["Hello E", "N", "ough. E", "ND and more"]]
+    assert "".join(pieces) == "Hello ENough. " and stops.stopped
+    assert stops.feed("ignored") == "" and stops.flush() == ""
+    open_ended = _StopFilter(["END"])
+    assert open_ended.feed("abc E") == "abc " and open_ended.flush() == "E"
+
+
+def test_vllm_llm_config_dict():
+    settings = PolicyAppArgs.model_validate(
+        {"backend": "vllm", "served_model_name": "aligned", "max_model_len": 4096,
+         "tensor_parallel_size": 2, "accelerator_type": "H100", "dtype": "bfloat16",
+         "deployment": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 4}}}
+    )  # fmt: skip
+    config = vllm_llm_config(settings, "/models/aligned")
+    assert config["model_loading_config"] == {
+        "model_id": "aligned",
+        "model_source": "/models/aligned",
+    }
+    assert config["engine_kwargs"]["max_model_len"] == 4096
+    assert config["engine_kwargs"]["tensor_parallel_size"] == 2
+    assert config["engine_kwargs"]["dtype"] == "bfloat16"
+    assert config["accelerator_type"] == "H100"
+    deployment = config["deployment_config"]
+    assert deployment["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4}
+    assert deployment["max_queued_requests"] > 0 and deployment["max_ongoing_requests"] > 0
+    assert config["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    plain = vllm_llm_config(PolicyAppArgs(served_model_name="m"), "/m")
+    assert "accelerator_type" not in plain and "max_model_len" not in plain["engine_kwargs"]
+    with pytest.raises(ValueError, match="served_model_name"):
+        vllm_llm_config(PolicyAppArgs(), "/m")
+    # The dict is what Ray Serve LLM's LLMConfig accepts (its config model imports without vLLM).
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    llm_config = LLMConfig.model_validate(config)
+    assert llm_config.model_id == "aligned" and llm_config.accelerator_type == "H100"
+    # Without vLLM (CPU machines) the vLLM backend says what to install, or to use hf.
+    with pytest.raises(ImportError, match="backend=hf"):
+        build_app({"backend": "vllm", "model": "tiny-random"})
+
+
+# ----------------------------------------------------------------- the app on Serve
+
+
+def test_completion_with_the_openai_client(client):
+    r = client.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=5, seed=1)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == SERVED
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # A random model rarely stops by itself: 5 tokens without an end token is "length".
+    if r.usage.completion_tokens == 5:
+        assert choice.finish_reason == "length"
+
+    # Several choices, the default max_tokens (8), content parts, a system turn.
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]}]  # fmt: skip
+    r = client.chat.completions.create(model=SERVED, messages=messages, n=3, temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert 0 < r.usage.completion_tokens <= 3 * 8
+
+
+def test_models_list(client, http):
+    assert [m.id for m in client.models.list().data] == [SERVED]
+    assert client.models.retrieve(SERVED).id == SERVED
+    assert http.get("/v1/models/other", headers=AUTH).status_code == 404
+    assert http.get("/healthz").json() == {"status": "ok"}  # no key needed
+
+
+def test_stream_with_the_openai_client(client):
+    stream = client.chat.completions.create(
+        model=SERVED, messages=HELLO, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)  # the iteration ends: the server sent [DONE]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.model == SERVED for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes in (["stop"], ["length"])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.prompt_tokens > 0
+    assert 0 < usage.completion_tokens <= 12
+    # The same greedy request without streaming gives the same text.
+    r = client.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == text
+    assert r.usage.completion_tokens == usage.completion_tokens
+
+    # Without include_usage: no usage chunk.
+    plain = list(
+        client.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=3, stream=True)
+    )
+    assert plain[-1].choices[0].finish_reason is not None and plain[-1].usage is None
+
+
+def test_same_seed_same_text_and_greedy_is_deterministic(client):
+    def text(**kw) -> str:
+        r = client.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=16, **kw)
+        return r.choices[0].message.content
+
+    assert text(temperature=1.0, seed=7) == text(temperature=1.0, seed=7)
+    assert text(temperature=0) == text(temperature=0)
+    samples = {text(temperature=1.0, seed=s) for s in range(4)}
+    assert len(samples) > 1  # seeds do change what is sampled
+
+
+def test_stop_sequence_ends_the_text(client):
+    full = client.chat.completions.create(
+        model=SERVED, messages=HELLO, max_tokens=16, temperature=0
+    )
+    content = full.choices[0].message.content
+    if len(content) < 4:
+        pytest.skip("the random model ended at once")
+    stop = content[2:4]
+    r = client.chat.completions.create(
+        model=SERVED, messages=HELLO, max_tokens=16, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == content[: content.find(stop)]
+
+
+def test_concurrent_requests_are_all_served(base_url, http):
+    """Generation is one at a time per replica; the others wait for it, none is refused."""
+    import asyncio
+
+    async def main() -> list:
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
+
+        async def stream() -> str:
+            chunks = await client.chat.completions.create(
+                model=SERVED, messages=HELLO, max_tokens=16, stream=True
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in chunks])
+
+        async def complete(seed: int) -> str:
+            r = await client.chat.completions.create(
+                model=SERVED, messages=HELLO, max_tokens=16, seed=seed
+            )
+            return r.choices[0].message.content
+
+        return await asyncio.gather(stream(), complete(1), complete(2), stream())
+
+    texts = asyncio.run(main())
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    assert http.get("/healthz").status_code == 200
+
+
+def test_missing_or_wrong_key_is_401(base_url):
+    for key in ("wrong-key-0123456789abcdef", ""):
+        bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key or "x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            bad.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=2)
+        assert err.value.status_code == 401 and KEY not in str(err.value.body)
+        assert _no_trace(json.dumps(err.value.body))
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    assert httpx.get(f"{base_url}/v1/models").status_code == 401
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
+    assert err.value.code == "model_not_found" and SERVED in err.value.message
+    assert _no_trace(json.dumps(err.value.body))
+
+
+def test_max_tokens_over_the_cap_is_422(client, http):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(
+            model=SERVED, messages=HELLO, max_tokens=MAX_TOKENS_LIMIT + 1
+        )
+    (error,) = err.value.body["errors"]
+    assert error["loc"] == ["body", "max_tokens"] and str(MAX_TOKENS_LIMIT) in error["msg"]
+    body = {"messages": HELLO, "max_completion_tokens": MAX_TOKENS_LIMIT + 1}
+    assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 422
+    r = http.post("/v1/chat/completions", json={"messages": HELLO, "n": 4}, headers=AUTH)
+    assert r.status_code == 422  # max_n = 3
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"messages": [{"role": "user", "content": "hi"}',  # malformed JSON
+        b'{"model": "x"}',  # no messages
+        b'{"messages": []}',  # empty
+        b'{"messages": [{"role": "tool", "content": "hi"}]}',  # unsupported role
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 3}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "stream": "maybe"}',
+        b'[{"role": "user", "content": "hi"}]',  # not an object
+    ],
+)
+def test_malformed_is_422(http, content):
+    headers = {**AUTH, "content-type": "application/json"}
+    r = http.post("/v1/chat/completions", content=content, headers=headers)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "validation_error" and error["errors"] and _no_trace(r.text)
+    assert all(set(e) == {"loc", "msg", "type"} for e in error["errors"])  # never the input
+
+
+def test_oversize_is_413(http):
+    long = {"messages": [{"role": "user", "content": "x" * (MAX_CHARS + 1)}]}
+    r = http.post("/v1/chat/completions", json=long, headers=AUTH)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+    many = {"messages": HELLO * (MAX_MESSAGES + 1)}
+    assert http.post("/v1/chat/completions", json=many, headers=AUTH).status_code == 413
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * MAX_BODY}]})
+    headers = {**AUTH, "content-type": "application/json"}
+    r = http.post("/v1/chat/completions", content=big, headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["limit"] == MAX_BODY and _no_trace(r.text)
+
+
+def test_unsupported_requests_are_400(http):
+    cases = [
+        {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"messages": HELLO, "logprobs": True},
+        {"messages": HELLO, "stream": True, "n": 2},
+        {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]},
+        {
+            "messages": HELLO,
+            "max_tokens": MAX_TOKENS_LIMIT,
+            "response_format": {"type": "json_object"},
+        },
+    ]
+    for body in cases:
+        r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["code"] == "unsupported" and _no_trace(r.text)
+    # Fields that change nothing here are tolerated, as OpenAI clients send them.
+    body = {"messages": HELLO, "max_tokens": 2, "user": "u1", "store": False, "presence_penalty": 0}
+    assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+
+
+def test_prompt_over_the_context_is_400(http):
+    # The tiny model's context is 2048 tokens: 8 messages of 1900 characters are more.
+    words = " ".join(["hello"] * 316)
+    body = {"messages": [{"role": "user", "content": words}] * MAX_MESSAGES, "max_tokens": 4}
+    r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "2048" in r.text
+
+
+def test_openapi_docs(http):
+    spec = http.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
+    responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "422", "503", "504"} <= set(responses)
+    assert http.get("/docs").status_code == 200
