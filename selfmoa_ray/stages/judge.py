@@ -34,13 +34,21 @@ def judge_dataset(
 
 
 def judge(
-    run: RunDir, *, stage: str, responses: str, out: str, config: JudgeSection
+    run: RunDir,
+    *,
+    stage: str,
+    responses: str,
+    out: str,
+    config: JudgeSection,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Run (or skip, if done) judging of ``responses`` into ``out``; paths are run-relative."""
+    """Run (or skip, if done) judging of ``responses`` into ``out``; paths are run-relative.
+
+    ``dtype``: the model judges' weights (bf16 halves an 8B guard's 32 GB on GPUs)."""
 
     def work() -> dict[str, Any]:
         ds = ray.data.read_parquet(str(run.path(responses)))
-        write_dataset(judge_dataset(ds, config), run, out)
+        write_dataset(judge_dataset(ds, config, dtype), run, out)
         table = pq.read_table(run.path(out), columns=["safety", "refusal"])
         safety = table.column("safety").to_pylist()
         return {
