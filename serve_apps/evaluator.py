@@ -47,7 +47,7 @@ from ray.serve.exceptions import RayServeException
 from selfmoa_ray.config import JudgeSection, load_config
 from selfmoa_ray.evaluators.composite import CompositeJudge
 from serve_apps.auth import APIKeyAuth
-from serve_apps.limits import OVERLOADED_DOC, error_doc, install_limits, run_with_timeout
+from serve_apps.limits import OVERLOADED_DOC, error_doc, limited_app, run_with_timeout
 
 logger = logging.getLogger("ray.serve")
 
@@ -481,20 +481,14 @@ class EvaluatorDeployment:
     def __serve_build_asgi_app__(self) -> FastAPI:
         s = self.settings
         evaluate_request, moderate_request = request_models(s.max_batch_items, s.max_chars)
-        app = FastAPI(
-            title="selfmoa evaluator",
-            version=API_VERSION,
-            summary="Safety, refusal and helpfulness scores from the selfmoa composite judge.",
-            docs_url="/docs" if s.docs else None,
-            redoc_url=None,
-            openapi_url="/openapi.json" if s.docs else None,
+        app = limited_app(
+            "selfmoa evaluator",
+            API_VERSION,
+            "Safety, refusal and helpfulness scores from the selfmoa composite judge.",
+            docs=s.docs,
+            max_body_bytes=s.max_body_bytes,
         )
-        install_limits(app, max_body_bytes=s.max_body_bytes)
         auth = [Depends(self.auth.dependency())]
-
-        @app.get("/healthz", summary="Liveness of this replica (no auth)")
-        async def healthz() -> dict[str, str]:
-            return {"status": "ok"}
 
         @app.post(
             "/v1/evaluate",

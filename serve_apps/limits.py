@@ -8,6 +8,7 @@
   ``loc``/``msg``/``type`` only (never the input, which may be large or sensitive); unexpected
   exceptions are logged on the server and answered with a bare 500 ``internal_error``.
 * ``run_with_timeout``: bounds the work a request may take inside the replica; 504 when over.
+* ``limited_app``: a FastAPI app with all of the above and ``/healthz``, for each Serve app.
 
 Errors a limit raises are ``HTTPException`` subclasses, so FastAPI passes them through its body
 parsing unchanged (it turns any other exception raised while reading the body into a 400).
@@ -250,3 +251,24 @@ def install_limits(app: FastAPI, *, max_body_bytes: int) -> None:
     """The body-size middleware and the JSON error handlers."""
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)
     install_error_handlers(app)
+
+
+def limited_app(
+    title: str, version: str, summary: str, *, docs: bool, max_body_bytes: int
+) -> FastAPI:
+    """What every selfmoa app starts from: limits, JSON errors, optional docs and ``/healthz``."""
+    app = FastAPI(
+        title=title,
+        version=version,
+        summary=summary,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    install_limits(app, max_body_bytes=max_body_bytes)
+
+    @app.get("/healthz", summary="Liveness of this replica (no auth)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -53,8 +53,8 @@ from serve_apps.limits import (
     OVERLOADED_DOC,
     RequestTimeout,
     error_doc,
-    install_limits,
     json_error,
+    limited_app,
     run_with_timeout,
 )
 
@@ -699,20 +699,14 @@ class PolicyDeployment:
     def __serve_build_asgi_app__(self) -> FastAPI:
         s = self.settings
         chat_request = request_model(s.max_messages, s.max_chars, s.max_tokens_limit, s.max_n)
-        app = FastAPI(
-            title="selfmoa policy",
-            version=API_VERSION,
-            summary="An OpenAI-compatible chat completions API for the selfmoa policy model.",
-            docs_url="/docs" if s.docs else None,
-            redoc_url=None,
-            openapi_url="/openapi.json" if s.docs else None,
+        app = limited_app(
+            "selfmoa policy",
+            API_VERSION,
+            "An OpenAI-compatible chat completions API for the selfmoa policy model.",
+            docs=s.docs,
+            max_body_bytes=s.max_body_bytes,
         )
-        install_limits(app, max_body_bytes=s.max_body_bytes)
         auth = [Depends(self.auth.dependency())]
-
-        @app.get("/healthz", summary="Liveness of this replica (no auth)")
-        async def healthz() -> dict[str, str]:
-            return {"status": "ok"}
 
         @app.get("/v1/models", response_model=ModelList, dependencies=auth,
                  responses={401: ERROR_RESPONSES[401]}, summary="The served model")  # fmt: skip
