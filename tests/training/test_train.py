@@ -164,9 +164,18 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)  # fmt: skip
-    storage = out / TRAIN_STORAGE / "train"
+    snapshot = out / TRAIN_STORAGE / "train" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        """A checkpoint Ray Train has registered, so a resume finds it: its folder appears a
+        moment before the controller's snapshot names it, and a kill in between loses it."""
+        try:
+            return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return False
+
     deadline = time.monotonic() + 300
-    while not list(storage.glob("checkpoint_*/train_state.pt")):
+    while not registered():
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.5)
