@@ -21,6 +21,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from selfmoa_ray.precision import Dtype, Precision
+
 PRESETS_PACKAGE = "selfmoa_ray.presets"
 
 
@@ -75,7 +77,11 @@ class ModelSection(Section):
     # "packaged:smollm2-135m-instruct", "tiny-random", "tiny-random:seed=N", a local folder or a hub id.
     source: str = "packaged:smollm2-135m-instruct"
     trust_remote_code: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = Field(
+        "auto",
+        description="weights for generation and scoring; auto: bfloat16 where the device computes "
+        "it natively (CUDA with bf16, CPUs with AMX-BF16/AVX512-BF16), else float32 (precision.py)",
+    )
     # Set: the model is answered by this endpoint and ``source`` is not loaded. Such a model can be
     # evaluated and red-teamed, never trained (it has no weights here).
     endpoint: EndpointSection | None = None
@@ -303,7 +309,11 @@ class TrainSection(Section):
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[1, 2, 3] = 2
     cpu_offload: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = Field(
+        "auto",
+        description="bf16: autocast (DDP; float32 master weights) or bf16 weights (DeepSpeed); "
+        "auto: bf16 where the device computes it natively, else fp32 (precision.py)",
+    )
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="0 turns gradient clipping off")
     checkpoint_every: int = Field(

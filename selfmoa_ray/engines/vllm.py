@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from selfmoa_ray.engines.base import SamplingParams, chat_of, explode, rows_of
+from selfmoa_ray.precision import resolve_dtype
 from selfmoa_ray.sources.models import resolve_model
 
 CPU_KV_CACHE_BYTES = 256 << 20  # 256 MiB: ~5k tokens of SmolLM2-135M in fp32, plenty for tests
@@ -84,7 +85,7 @@ class VLLMChatEngine:
         resolved = resolve_model(model, trust_remote_code=trust_remote_code)
         self.llm = vllm.LLM(
             resolved.path,
-            dtype=dtype,
+            dtype=resolve_dtype(dtype, "cpu" if on_cpu else "cuda"),
             seed=sampling.seed,
             trust_remote_code=resolved.trust_remote_code,
             max_model_len=max_model_len,

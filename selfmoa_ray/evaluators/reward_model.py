@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from selfmoa_ray.evaluators.base import check_pairs
+from selfmoa_ray.precision import resolve_dtype
 from selfmoa_ray.sources.models import load_tokenizer, resolve_model
 
 
@@ -33,7 +34,7 @@ class RewardModelEvaluator:
         self.tokenizer.padding_side = "right"
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            resolved.path, num_labels=1, dtype=getattr(torch, dtype),
+            resolved.path, num_labels=1, dtype=getattr(torch, resolve_dtype(dtype, self.device)),
             trust_remote_code=resolved.trust_remote_code,
         ).to(self.device).eval()  # fmt: skip
         if self.model.config.pad_token_id is None:

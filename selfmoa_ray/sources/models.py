@@ -370,11 +370,14 @@ def load_tokenizer(model: ResolvedModel | str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _torch_dtype(dtype: str):
+def _torch_dtype(dtype: str, device: str = "cpu"):
+    """A torch dtype; ``auto`` is ours (precision.py: bf16 where native on ``device``), not
+    transformers' "the checkpoint's dtype"."""
     import torch
 
-    if dtype == "auto":
-        return "auto"
+    from selfmoa_ray.precision import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
     value = getattr(torch, dtype, None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
@@ -390,7 +393,7 @@ def load_model(
     model = _resolved(model)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            model.path, dtype=_torch_dtype(dtype), trust_remote_code=model.trust_remote_code
+            model.path, dtype=_torch_dtype(dtype, device), trust_remote_code=model.trust_remote_code
         )
     except OSError as err:
         if _is_hub(model):
