@@ -329,6 +329,11 @@ class TrainSection(Section):
     max_failures: int = Field(
         1, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
     )
+    keep_checkpoints: bool = Field(
+        False,
+        description="keep Ray Train's checkpoints (optimizer state) after the stage finished; "
+        "they only serve to resume a killed training, so by default they are deleted",
+    )
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)

@@ -1,9 +1,11 @@
 """Stage ``reference``: the reference model's log-probabilities of every pair, stored beside it.
 
 pairs.parquet -> pairs_ref.parquet (same rows, plus ``ref_chosen_logps``, ``ref_rejected_logps``
-and their length-averaged ``*_avg`` twins for IPO). Computed once in a Ray Data pass through an
-actor pool, so that the trainer holds a single model (design.md 3). Responses are tokenised by the
-same function the trainer uses (:mod:`selfmoa_ray.training.data`), so the numbers line up.
+and their length-averaged ``*_avg`` twins for IPO, and the token columns of
+:func:`selfmoa_ray.training.data.tokenize`). Computed once in a Ray Data pass through an actor
+pool, so that the trainer holds a single model (design.md 3) and never tokenises: it pads the
+stored ids. The forward pass is the trainer's (same layout, weights dtype and autocast), so the
+numbers line up.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from ray.data import ActorPoolStrategy
 from selfmoa_ray.config import EngineSection, ModelSection, TrainSection
 from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.stages.sample import write_dataset
-from selfmoa_ray.training.data import encode_pairs
+from selfmoa_ray.training.data import collate, to_device, token_arrays, tokenize
 from selfmoa_ray.training.losses import sequence_logps
 from selfmoa_ray.training.objective import check_columns, response_token_logps
+from selfmoa_ray.training.strategy import forward_numerics, local_device
 
 REFERENCE_COLUMNS = (
     "ref_chosen_logps",
@@ -33,50 +36,54 @@ REFERENCE_COLUMNS = (
 
 
 class ReferenceScorer:
-    """Callable class for ``map_batches``: loads the reference model once per actor."""
+    """Callable class for ``map_batches``: loads the reference model once per actor, tokenises each
+    batch once (the token columns are stored for the trainer) and scores it as the trainer's
+    forward pass would (same weights dtype and autocast: ``strategy.forward_numerics``)."""
 
-    def __init__(self, model: str, max_length: int, *, dtype: str = "float32"):
+    def __init__(self, model: str, train: dict[str, Any]):
         from selfmoa_ray.sources.models import load_model_and_tokenizer
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.train = TrainSection.model_validate(train)
+        self.device = local_device()
+        dtype, self.autocast = forward_numerics(self.train, self.device)
         self.model, self.tokenizer = load_model_and_tokenizer(
             model, dtype=dtype, device=self.device
         )
         self.model.eval()
-        self.max_length = max_length
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Arrow in, Arrow out: the pair columns (chat messages included) pass through untouched."""
         rows = batch.to_pylist()
         n = len(rows)
-        encoded = encode_pairs(self.tokenizer, rows, max_length=self.max_length)
-        encoded = {k: v.to(self.device) for k, v in encoded.items()}
-        token_logps = response_token_logps(self.model, encoded).float()
+        tokens = tokenize(self.tokenizer, rows, kind="pairs", max_length=self.train.max_length)
+        encoded = to_device(collate(tokens, pad_token_id=self.tokenizer.pad_token_id), self.device)
+        with torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
+            token_logps = response_token_logps(self.model, encoded).float()
         mask = encoded["response_mask"]
         total = sequence_logps(token_logps, mask).cpu().numpy()
         mean = sequence_logps(token_logps, mask, average=True).cpu().numpy()
         columns = {
-            "ref_chosen_logps": total[:n],
-            "ref_rejected_logps": total[n:],
-            "ref_chosen_logps_avg": mean[:n],
-            "ref_rejected_logps_avg": mean[n:],
+            "ref_chosen_logps": pa.array(total[:n], pa.float64()),
+            "ref_rejected_logps": pa.array(total[n:], pa.float64()),
+            "ref_chosen_logps_avg": pa.array(mean[:n], pa.float64()),
+            "ref_rejected_logps_avg": pa.array(mean[n:], pa.float64()),
+            **token_arrays(tokens, "pairs"),
         }
         for name, values in columns.items():
             if name in batch.column_names:  # recomputed under a new reference model
                 batch = batch.drop_columns([name])
-            batch = batch.append_column(name, pa.array(values, type=pa.float64()))
+            batch = batch.append_column(name, values)
         return batch
 
 
 def reference_dataset(
     ds: ray.data.Dataset, model: ModelSection, engine: EngineSection, train: TrainSection
 ) -> ray.data.Dataset:
-    """Add the reference columns to a dataset of pairs."""
+    """Add the reference and token columns to a dataset of pairs."""
     return ds.map_batches(
         ReferenceScorer,
-        fn_constructor_args=(model.source, train.max_length),
-        fn_constructor_kwargs={"dtype": model.dtype},
+        fn_constructor_args=(model.source, train.model_dump()),
         batch_size=train.batch_size * 2,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=engine.num_actors),

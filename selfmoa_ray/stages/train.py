@@ -3,23 +3,33 @@
 pairs_ref.parquet (or triples.parquet) + the current policy -> ``out``, a Hugging Face folder of
 the next policy. A ``TorchTrainer`` runs :func:`selfmoa_ray.training.loop.train_loop_per_worker`
 on ``train.num_workers`` workers with fractional CPUs (or GPUs), each streaming its shard of the
-rows. Ray Train keeps checkpoints under ``<run>/ray_train/<stage>``; running the stage again after
-a kill resumes from the newest one (Ray Train restores a run of the same name and storage path).
+tokenised rows. Ray Train keeps checkpoints under ``<run>/ray_train/<stage>``; running the stage
+again after a kill resumes from the newest one (Ray Train restores a run of the same name and
+storage path). Once the policy is published the checkpoints are deleted: a finished stage never
+runs again, so they would only fill the disk (1.6 GB of optimizer state for SmolLM2-135M).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import ray.data
 import ray.train
+from ray.data import ActorPoolStrategy
 from ray.train.torch import TorchTrainer
 
 from selfmoa_ray.config import ModelSection, TrainSection
 from selfmoa_ray.rundir import TRAIN_STORAGE_DIR, RunDir, atomic_path
-from selfmoa_ray.training.data import MalformedPairError
+from selfmoa_ray.training.data import (
+    SCALAR_COLUMNS,
+    MalformedPairError,
+    TokenizeRows,
+    kind_of,
+    token_columns,
+)
 from selfmoa_ray.training.loop import FINAL_DIR, train_loop_per_worker
 from selfmoa_ray.training.objective import check_columns
 
@@ -38,6 +48,25 @@ def scaling_config(cfg: TrainSection) -> ray.train.ScalingConfig:
     )
 
 
+def with_tokens(ds: ray.data.Dataset, model_path: str, cfg: TrainSection) -> ray.data.Dataset:
+    """The training columns of ``ds``, tokenised once if the rows carry no token columns yet (the
+    reference pass stores them for pairs; PT-ALIGN triples arrive without). Prompt and response
+    texts stay behind: workers receive ids, masks and scalars only."""
+    columns = ds.schema().names
+    kind = kind_of(columns)
+    tokens = list(token_columns(kind))
+    if not set(tokens) <= set(columns):
+        ds = ds.map_batches(
+            TokenizeRows,
+            fn_constructor_args=(model_path, kind, cfg.max_length),
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=1),
+            num_cpus=0.25,
+        ).materialize()
+    keep = [c for c in (*SCALAR_COLUMNS, "harmful_spans") if c in columns]
+    return ds.select_columns(tokens + keep)
+
+
 def fit(
     ds: ray.data.Dataset,
     *,
@@ -46,7 +75,6 @@ def fit(
     storage: Path,
     name: str,
     seed: int = 0,
-    dtype: str = "float32",
 ) -> ray.train.Result:
     """Train on ``ds`` and return Ray Train's result, whose last checkpoint holds ``hf/``."""
     check_columns(cfg, ds.schema().names)
@@ -56,6 +84,7 @@ def fit(
             f"{rows} rows cannot fill one batch of {cfg.batch_size} on each of "
             f"{cfg.num_workers} workers; lower train.batch_size or train.num_workers"
         )
+    storage = storage.resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -63,18 +92,32 @@ def fit(
             "model_path": model_path,
             "rows": rows,
             "seed": seed,
-            "dtype": dtype,
+            # Ray Train's folder for this run, where workers write checkpoints in place.
+            "checkpoint_root": str(storage / name),
         },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage.resolve()),
+            storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": ds},
+        datasets={"train": with_tokens(ds, model_path, cfg)},
     )
     return trainer.fit()
+
+
+def publish(checkpoint: ray.train.Checkpoint, target: Path) -> None:
+    """The exported policy inside ``checkpoint`` becomes ``target``, atomically. Hard links, not
+    copies, where both live on one filesystem: the checkpoint is deleted right after (unless
+    kept), and 0.5 GB of weights are not written twice."""
+    with checkpoint.as_directory() as directory, atomic_path(target) as tmp:
+        source = Path(directory) / FINAL_DIR
+        try:
+            shutil.copytree(source, tmp, copy_function=os.link)
+        except OSError:  # another filesystem (or no hard links there): copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
 
 
 def train(
@@ -87,7 +130,9 @@ def train(
     config: TrainSection,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run (or skip, if done) training on ``data`` into the policy folder ``out``."""
+    """Run (or skip, if done) training on ``data`` into the policy folder ``out``. Ray Train's
+    checkpoints of a finished stage are deleted (they only serve to resume a killed training)
+    unless ``train.keep_checkpoints``."""
 
     def work() -> dict[str, Any]:
         ds = ray.data.read_parquet(str(run.path(data)))
@@ -98,10 +143,8 @@ def train(
             storage=run.path(TRAIN_STORAGE),
             name=stage,
             seed=seed,
-            dtype=model.dtype,
         )
-        with result.checkpoint.as_directory() as directory, atomic_path(run.path(out)) as tmp:
-            shutil.copytree(Path(directory) / FINAL_DIR, tmp)
+        publish(result.checkpoint, run.path(out))
         keep = (
             "loss",
             "reward_margin",
@@ -109,12 +152,17 @@ def train(
             "mle",
             "unlikelihood",
             "harmful_tokens",
+            "samples_per_s",
         )
         return {
             "start_model": model.source,
+            "pairs": ds.count(),
             "steps": int(result.metrics.get("step", 0)),
             "resumed_from_step": int(result.metrics.get("resumed_from_step", 0)),
             **{k: float(v) for k, v in result.metrics.items() if k in keep},
         }
 
-    return run.run_stage(stage, [out], work)
+    entry = run.run_stage(stage, [out], work)
+    if not config.keep_checkpoints:
+        shutil.rmtree(run.path(TRAIN_STORAGE, stage), ignore_errors=True)
+    return entry

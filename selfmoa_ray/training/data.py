@@ -14,6 +14,9 @@ Row schemas (Parquet columns; TRL's preference format plus our score columns):
 * triples (PT-ALIGN): ``prompt``, ``positive``, ``toxic`` and ``harmful_spans``, a list of
   ``[start, end)`` character offsets into ``toxic`` that mark its harmful text.
 
+Tokenised once per stage input (:func:`tokenize`; the reference pass stores the token columns
+beside the pairs, as TRL's preprocessing does), then only padded per batch (:func:`collate`).
+
 A response is encoded as the prompt's chat template (with the generation prompt), then the
 response tokens, then the template's end-of-turn token, so the model also learns where to stop.
 Only response and end-of-turn positions are trained on; harmful marks land only on response
@@ -22,13 +25,16 @@ tokens, never on template or special tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
+
+from selfmoa_ray.training.losses import IGNORE_INDEX
 
 SENTINEL = "\u2063SELFMOA\u2063"  # text no chat template contains, to find the end-of-turn
 
@@ -123,66 +129,176 @@ def encode_response(
     )
 
 
-def collate(encoded: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; masks are shifted to line up with next-token logits.
-
-    ``labels[:, t]`` is the token that ``logits[:, t]`` predicts (``input_ids[:, t + 1]``), and
-    ``response_mask`` / ``harmful_mask`` are the masks of those labels.
-    """
-    width = max(len(e.input_ids) for e in encoded)
-
-    def pad(values: list, fill: Any) -> list:
-        return values + [fill] * (width - len(values))
-
-    ids = torch.tensor([pad(e.input_ids, pad_token_id) for e in encoded])
-    attention = torch.tensor([pad([1] * len(e.input_ids), 0) for e in encoded])
-    response = torch.tensor([pad(e.response_mask, False) for e in encoded])
-    harmful = torch.tensor([pad(e.harmful_mask, False) for e in encoded])
-    return {
-        "input_ids": ids,
-        "attention_mask": attention,
-        "labels": ids[:, 1:],
-        "response_mask": response[:, 1:],
-        "harmful_mask": harmful[:, 1:],
-    }
+SIDES: dict[str, tuple[str, str]] = {
+    "pairs": ("chosen", "rejected"),
+    "triples": ("positive", "toxic"),
+}
+# Per-row scalar columns that travel with the tokens into a training batch (float32 tensors).
+SCALAR_COLUMNS = (
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "ref_chosen_logps_avg",
+    "ref_rejected_logps_avg",
+    "safety_delta",
+    "chosen_safety",
+    "chosen_helpfulness",
+    "rejected_safety",
+    "rejected_helpfulness",
+)
 
 
-def _encode_column(
-    tokenizer: Any, rows: Sequence[dict[str, Any]], column: str, max_length: int, *, marked: bool
-) -> list[Encoded]:
-    """One response column of every row; ``marked`` reads the rows' ``harmful_spans`` too."""
-    return [
-        encode_response(
-            tokenizer,
-            r["prompt"],
-            text_of(r[column], column),
-            max_length=max_length,
-            harmful_spans=spans_of(r.get("harmful_spans")) if marked else (),
+def kind_of(columns: Sequence[str]) -> str:
+    """``triples`` (PT-ALIGN: positive/toxic) or ``pairs`` (chosen/rejected), from the columns."""
+    return "triples" if "positive" in columns else "pairs"
+
+
+TOKEN_PARTS = {
+    "input_ids": pa.list_(pa.int32()),  # chat template + response + end-of-turn
+    "prompt_len": pa.int32(),  # where the response starts
+    "harmful": pa.list_(pa.bool_()),  # per response token: marked harmful
+}
+
+
+def token_columns(kind: str) -> dict[str, pa.DataType]:
+    """The columns :func:`tokenize` adds, with their Arrow types: each part for each side."""
+    return {f"{side}_{part}": t for side in SIDES[kind] for part, t in TOKEN_PARTS.items()}
+
+
+def token_arrays(tokens: dict[str, list], kind: str) -> dict[str, pa.Array]:
+    """:func:`tokenize`'s columns as typed Arrow arrays, to store beside the rows."""
+    return {name: pa.array(tokens[name], t) for name, t in token_columns(kind).items()}
+
+
+class TokenizeRows:
+    """Callable class for ``map_batches`` (Arrow in, Arrow out): adds the token columns to rows
+    that have none yet (PT-ALIGN triples, or pairs from elsewhere), loading the tokenizer once."""
+
+    def __init__(self, model: str, kind: str, max_length: int):
+        from selfmoa_ray.sources.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model)
+        self.kind, self.max_length = kind, max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tokens = tokenize(
+            self.tokenizer, batch.to_pylist(), kind=self.kind, max_length=self.max_length
         )
-        for r in rows
-    ]
+        for name, values in token_arrays(tokens, self.kind).items():
+            if name in batch.column_names:
+                batch = batch.drop_columns([name])
+            batch = batch.append_column(name, values)
+        return batch
+
+
+def tokenize(
+    tokenizer: Any, rows: Sequence[dict[str, Any]], *, kind: str, max_length: int
+) -> dict[str, list]:
+    """Token columns of every row, computed once per stage input (the reference pass stores them
+    beside the pairs; the trainer only pads). The second side of each row (``rejected``, ``toxic``)
+    carries the row's ``harmful_spans`` as token marks."""
+    first, second = SIDES[kind]
+    out: dict[str, list] = {column: [] for column in token_columns(kind)}
+    for side, marked in ((first, False), (second, True)):
+        for r in rows:
+            e = encode_response(
+                tokenizer,
+                r["prompt"],
+                text_of(r[side], side),
+                max_length=max_length,
+                harmful_spans=spans_of(r.get("harmful_spans")) if marked else (),
+            )
+            start = e.response_mask.index(True)
+            out[f"{side}_input_ids"].append(e.input_ids)
+            out[f"{side}_prompt_len"].append(start)
+            out[f"{side}_harmful"].append(e.harmful_mask[start:])
+    return out
+
+
+def collate(batch: Mapping[str, Any], *, pad_token_id: int) -> dict[str, Any]:
+    """Token columns of a batch (``{column: values}``) -> one padded forward batch of both sides.
+
+    First side's rows first, then the second side's, so one forward pass serves both. Prompts are
+    left-padded and responses right-padded (TRL's layout), so every response starts at the same
+    column P and the model computes logits only from P - 1 on (``logits_to_keep``): the lm_head
+    and log-softmax over 49k vocabulary entries are skipped for every prompt position. Left
+    padding needs explicit ``position_ids`` (from the attention mask).
+
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` (N, P + R); ``labels`` (N, R, -100
+    off the responses), ``response_mask`` and ``harmful_mask`` (N, R), with ``labels[:, t]``
+    predicted by the logits of the t-th kept position; ``logits_to_keep`` (R + 1); the rows'
+    scalar columns (``SCALAR_COLUMNS``) as float32 tensors; ``marked``: whether the rows carry
+    ``harmful_spans`` (the combined recipe's unlikelihood term).
+    """
+    kind = "triples" if "positive_input_ids" in batch else "pairs"
+    sequences, starts, harmful = [], [], []
+    for side in SIDES[kind]:
+        sequences += [np.asarray(ids, dtype=np.int64) for ids in batch[f"{side}_input_ids"]]
+        starts += [int(n) for n in batch[f"{side}_prompt_len"]]
+        harmful += [np.asarray(h, dtype=bool) for h in batch[f"{side}_harmful"]]
+    width_prompt = max(starts)
+    width_response = max(len(ids) - n for ids, n in zip(sequences, starts, strict=True))
+    rows = len(sequences)
+    input_ids = np.full((rows, width_prompt + width_response), pad_token_id, dtype=np.int64)
+    attention = np.zeros_like(input_ids)
+    labels = np.full((rows, width_response), IGNORE_INDEX, dtype=np.int64)
+    response = np.zeros((rows, width_response), dtype=bool)
+    marks = np.zeros((rows, width_response), dtype=bool)
+    for i, (ids, n, h) in enumerate(zip(sequences, starts, harmful, strict=True)):
+        tail = len(ids) - n
+        input_ids[i, width_prompt - n : width_prompt + tail] = ids
+        attention[i, width_prompt - n : width_prompt + tail] = 1
+        labels[i, :tail] = ids[n:]
+        response[i, :tail] = True
+        marks[i, : len(h)] = h
+    attention_mask = torch.from_numpy(attention)
+    out: dict[str, Any] = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "labels": torch.from_numpy(labels),
+        "response_mask": torch.from_numpy(response),
+        "harmful_mask": torch.from_numpy(marks),
+        "logits_to_keep": width_response + 1,
+        "marked": "harmful_spans" in batch,
+    }
+    for column in SCALAR_COLUMNS:
+        if column in batch:
+            out[column] = torch.as_tensor(np.asarray(batch[column], dtype=np.float32))
+    return out
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device``; other values (``logits_to_keep``, ``marked``) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def encode_rows(
+    tokenizer: Any, rows: Sequence[dict[str, Any]], *, kind: str, max_length: int
+) -> dict[str, Any]:
+    """Rows of pairs or triples -> a forward batch (:func:`tokenize`, then :func:`collate`)."""
+    columns: dict[str, Any] = tokenize(tokenizer, rows, kind=kind, max_length=max_length)
+    for column in (*SCALAR_COLUMNS, "harmful_spans"):
+        if rows and all(column in r for r in rows):
+            columns[column] = [r[column] for r in rows]
+    return collate(columns, pad_token_id=tokenizer.pad_token_id)
 
 
 def encode_pairs(
     tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_length: int
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Chosen responses first, then rejected ones, in one batch (one forward pass for both).
 
     Pairs may carry ``harmful_spans`` into the *rejected* text (the combined recipe marks them):
     they become the rejected rows' ``harmful_mask``.
     """
-    chosen = _encode_column(tokenizer, rows, "chosen", max_length, marked=False)
-    rejected = _encode_column(tokenizer, rows, "rejected", max_length, marked=True)
-    return collate(chosen + rejected, tokenizer.pad_token_id)
+    return encode_rows(tokenizer, rows, kind="pairs", max_length=max_length)
 
 
 def encode_triples(
     tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_length: int
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Positive responses first, then toxic ones with their harmful marks, in one batch."""
-    positive = _encode_column(tokenizer, rows, "positive", max_length, marked=False)
-    toxic = _encode_column(tokenizer, rows, "toxic", max_length, marked=True)
-    return collate(positive + toxic, tokenizer.pad_token_id)
+    return encode_rows(tokenizer, rows, kind="triples", max_length=max_length)
 
 
 def spans_of(value: Any) -> list[tuple[int, int]]:

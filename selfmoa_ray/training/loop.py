@@ -3,8 +3,10 @@
 Each worker: loads the policy (LoRA through peft, or full fine-tuning), wraps it in the configured
 strategy, resumes from Ray Train's latest checkpoint if there is one, streams its shard of the
 pairs (or triples), runs the configured loss, and reports metrics through ``ray.train.report``,
-with a checkpoint every ``train.checkpoint_every`` optimizer steps and at each epoch's end. Rank 0
-finally reports the exported Hugging Face folder as the last checkpoint.
+with a checkpoint every ``train.checkpoint_every`` optimizer steps and at the end of each epoch
+but the last. Rank 0 finally reports the exported Hugging Face folder as the last checkpoint.
+Checkpoints are written once, in place, into Ray Train's storage folder (``NO_UPLOAD``); the stage
+deletes them when it is done (``train.keep_checkpoints``).
 
 Resuming skips the batches the checkpoint had already trained on in its epoch. Every worker sees
 the same number of batches (Ray Train splits datasets equally), so reports and collective calls
@@ -13,18 +15,24 @@ stay in step across workers.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import CheckpointUploadMode
+
+from selfmoa_ray.training.data import collate, to_device
 
 FINAL_DIR = "hf"  # inside the last checkpoint: the exported policy
+NO_UPLOAD = CheckpointUploadMode.NO_UPLOAD  # checkpoints are written in place (see report())
 
 
 def load_policy(model_path: str, cfg: Any, dtype: str) -> tuple[torch.nn.Module, Any]:
-    """The policy to train: the full model, or the model under fresh LoRA adapters."""
+    """The policy to train: the full model, or the model under fresh LoRA adapters (which peft
+    keeps in float32 over a bf16 base)."""
     from selfmoa_ray.sources.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
@@ -45,32 +53,47 @@ def load_policy(model_path: str, cfg: Any, dtype: str) -> tuple[torch.nn.Module,
     return model, tokenizer
 
 
+class PadBatch(NumpyBatchCollateFn):
+    """Ray Data collate function: the shard's token columns -> one padded forward batch. Runs in
+    Ray Data's prefetch thread, so padding overlaps the previous step's compute."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return collate(batch, pad_token_id=self.pad_token_id)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     from tqdm import tqdm
 
     from selfmoa_ray.config import TrainSection
+    from selfmoa_ray.precision import resolve_precision
     from selfmoa_ray.training.export import export_hf, gathered
     from selfmoa_ray.training.objective import compute_loss
-    from selfmoa_ray.training.strategy import make_strategy
+    from selfmoa_ray.training.strategy import forward_numerics, make_strategy
 
     cfg = TrainSection.model_validate(config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config["seed"] + rank)
     device = ray.train.torch.get_device()
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device.type)})
 
-    model, tokenizer = load_policy(config["model_path"], cfg, config.get("dtype", "float32"))
+    model, tokenizer = load_policy(config["model_path"], cfg, forward_numerics(cfg, device.type)[0])
     strategy = make_strategy(model, cfg)
+    checkpoints = Path(config["checkpoint_root"])
 
     state = {"epoch": 0, "batches_done": 0, "step": 0, "micro_steps": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             if (Path(directory) / FINAL_DIR).is_dir():  # finished before the driver collected it
-                final = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-                ray.train.report({"final": 1, "resumed_from_step": -1}, checkpoint=final)
+                final = checkpoint if rank == 0 else None
+                ray.train.report({"final": 1, "resumed_from_step": -1}, checkpoint=final,
+                                 checkpoint_upload_mode=NO_UPLOAD)  # fmt: skip
                 return
             state.update(strategy.load(Path(directory)))
     resumed_from = state["step"]
@@ -85,30 +108,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     def report(metrics: dict[str, float], save: bool) -> None:
+        """Metrics, with a checkpoint when ``save``. Checkpoints are written straight into Ray
+        Train's storage folder and registered as they are (no upload, so no second copy)."""
         metrics = {**metrics, **state, "resumed_from_step": resumed_from}
         if not save:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            # DeepSpeed: every rank writes its shard. DDP: rank 0's copy is the whole state.
-            if cfg.strategy == "deepspeed" or rank == 0:
-                strategy.save(Path(tmp), dict(state))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
+        # DeepSpeed: every rank writes its shard. DDP: rank 0's copy is the whole state.
+        writes = cfg.strategy == "deepspeed" or rank == 0
+        path = checkpoints / f"checkpoint_step{state['step']:06d}_batch{state['batches_done']:06d}"
+        if writes:
+            path.mkdir(parents=True, exist_ok=True)
+            strategy.save(path, dict(state))
+        saved = ray.train.Checkpoint.from_directory(path) if writes else None
+        ray.train.report(metrics, checkpoint=saved, checkpoint_upload_mode=NO_UPLOAD)
 
     metrics: dict[str, float] = {}
+    pad = PadBatch(tokenizer.pad_token_id)
     for epoch in range(state["epoch"], cfg.epochs):
         skip = state["batches_done"]
         started = time.perf_counter()
-        for i, batch in enumerate(
-            shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", drop_last=True)
-        ):
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, collate_fn=pad, drop_last=True
+        )
+        for i, batch in enumerate(batches):
             if i < skip:
                 continue  # trained on before the checkpoint this run resumed from
-            rows = batch.to_dict("records")
             with torch.autocast(device.type, torch.bfloat16, enabled=strategy.autocast):
-                loss, metrics = compute_loss(strategy.model, tokenizer, rows, cfg, device)
+                loss, metrics = compute_loss(strategy.model, to_device(batch, device), cfg)
             strategy.backward(loss)
             stepped = strategy.step()
             state["batches_done"] = i + 1
@@ -124,15 +151,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if due or state["step"] % cfg.report_every == 0:
                     report(metrics, save=due)  # each report waits for Ray's controller poll
         state["epoch"], state["batches_done"] = epoch + 1, 0
-        report(metrics, save=True)
+        # The last epoch needs no checkpoint of its own: the export below is the final one.
+        if epoch + 1 < cfg.epochs:
+            report(metrics, save=True)
     progress.close()
 
     # The export: the merged policy in Hugging Face format, as the final checkpoint.
     zero_stage = cfg.zero_stage if cfg.strategy == "deepspeed" else None
-    with gathered(strategy.unwrapped(), zero_stage), tempfile.TemporaryDirectory() as tmp:
+    path = checkpoints / "checkpoint_final"
+    with gathered(strategy.unwrapped(), zero_stage):
         final = None
         if rank == 0:
-            export_hf(strategy.unwrapped(), tokenizer, Path(tmp) / FINAL_DIR)
-            final = ray.train.Checkpoint.from_directory(tmp)
+            export_hf(strategy.unwrapped(), tokenizer, path / FINAL_DIR)
+            final = ray.train.Checkpoint.from_directory(path)
         summary = {**metrics, **state, "resumed_from_step": resumed_from, "final": 1}
-        ray.train.report(summary, checkpoint=final)
+        ray.train.report(summary, checkpoint=final, checkpoint_upload_mode=NO_UPLOAD)

@@ -1,9 +1,10 @@
-"""The configured training objective: rows in, one scalar loss and its metrics out.
+"""The configured training objective: a tokenised batch in, one scalar loss and its metrics out.
 
 Chooses the loss of ``train.loss`` (design.md 2.1 step 6 and 2.2 step 5) and feeds it the policy's
 log-probabilities from one forward pass over chosen and rejected (or positive and toxic)
-responses together. Reference log-probabilities come from the rows (the reference pass stored
-them), so the trainer holds a single model.
+responses together. Batches arrive tokenised and padded (training/data.py); reference
+log-probabilities come from the rows (the reference pass stored them), so the trainer holds a
+single model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from selfmoa_ray.config import TrainSection
 from selfmoa_ray.training import losses
-from selfmoa_ray.training.data import MalformedPairError, encode_pairs, encode_triples
+from selfmoa_ray.training.data import MalformedPairError
 
 PAIR_LOSSES = ("dpo", "ipo", "modpo", "scalarised_dpo")
 SCORE_COLUMNS = (
@@ -53,60 +54,45 @@ def check_columns(cfg: TrainSection, columns: Sequence[str]) -> None:
         )
 
 
-def response_token_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """(B, T-1) log-probabilities of each next token under ``model``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def response_token_logps(model: torch.nn.Module, batch: dict[str, Any]) -> Tensor:
+    """(N, R) log-probabilities of each response token under ``model``, for a :func:`collate`
+    batch: logits are computed for the response block only (``logits_to_keep``)."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=batch["logits_to_keep"],
+    ).logits
     return losses.token_logps(logits[:, :-1], batch["labels"])
 
 
-def _column(rows: Sequence[dict[str, Any]], name: str, device: torch.device) -> Tensor:
-    return torch.tensor([float(r[name]) for r in rows], dtype=torch.float32, device=device)
-
-
 def compute_loss(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Sequence[dict[str, Any]],
-    cfg: TrainSection,
-    device: torch.device,
+    model: torch.nn.Module, batch: dict[str, Any], cfg: TrainSection
 ) -> tuple[Tensor, dict[str, float]]:
-    """The loss of ``cfg.loss`` on a batch of rows, and metrics to report beside it."""
-    if cfg.loss == "pt_align":
-        return _pt_align(model, tokenizer, rows, cfg, device)
-    return _preference(model, tokenizer, rows, cfg, device)
-
-
-def _pt_align(model, tokenizer, rows, cfg, device) -> tuple[Tensor, dict[str, float]]:
-    batch = {
-        k: v.to(device)
-        for k, v in encode_triples(tokenizer, rows, max_length=cfg.max_length).items()
-    }
-    n = len(rows)
-    logps = response_token_logps(model, batch)
-    mask, harmful = batch["response_mask"], batch["harmful_mask"]
-    loss, parts = losses.pt_align_loss(
-        logps[:n], mask[:n], logps[n:], harmful[n:], alpha=cfg.unlikelihood_alpha
-    )
-    metrics = {k: float(v) for k, v in parts.items()}
-    metrics["harmful_tokens"] = float(harmful[n:].sum())
-    return loss, metrics
-
-
-def _preference(model, tokenizer, rows, cfg, device) -> tuple[Tensor, dict[str, float]]:
-    batch = {
-        k: v.to(device) for k, v in encode_pairs(tokenizer, rows, max_length=cfg.max_length).items()
-    }
-    n = len(rows)
+    """The loss of ``cfg.loss`` on a :func:`~selfmoa_ray.training.data.collate` batch (first
+    side's rows, then the second side's), and metrics to report beside it."""
+    n = batch["input_ids"].shape[0] // 2
     token_logps = response_token_logps(model, batch)
+    mask, harmful = batch["response_mask"], batch["harmful_mask"]
+    if cfg.loss == "pt_align":
+        loss, parts = losses.pt_align_loss(
+            token_logps[:n], mask[:n], token_logps[n:], harmful[n:], alpha=cfg.unlikelihood_alpha
+        )
+        metrics = {k: float(v) for k, v in parts.items()}
+        metrics["harmful_tokens"] = float(harmful[n:].sum())
+        return loss, metrics
+    return _preference(token_logps, batch, cfg, n)
+
+
+def _preference(
+    token_logps: Tensor, batch: dict[str, Any], cfg: TrainSection, n: int
+) -> tuple[Tensor, dict[str, float]]:
     mask = batch["response_mask"]
     average = cfg.loss == "ipo"  # IPO on length-normalised log-ratios, as TRL computes it
     logps = losses.sequence_logps(token_logps, mask, average=average)
     suffix = "_avg" if average else ""
     policy = (logps[:n], logps[n:])
-    ref = (
-        _column(rows, f"ref_chosen_logps{suffix}", device),
-        _column(rows, f"ref_rejected_logps{suffix}", device),
-    )
+    ref = (batch[f"ref_chosen_logps{suffix}"], batch[f"ref_rejected_logps{suffix}"])
     if cfg.loss in ("dpo", "ipo"):
         loss_type = "ipo" if cfg.loss == "ipo" else "sigmoid"
         per_pair, chosen_r, rejected_r = losses.dpo_loss(
@@ -114,14 +100,13 @@ def _preference(model, tokenizer, rows, cfg, device) -> tuple[Tensor, dict[str, 
         )
         loss = per_pair.mean()
     elif cfg.loss == "modpo":
-        delta = _column(rows, "safety_delta", device)
         per_pair, chosen_r, rejected_r = losses.modpo_loss(
-            *policy, *ref, delta, beta=cfg.beta, w_s=cfg.w_s, w_h=cfg.w_h
+            *policy, *ref, batch["safety_delta"], beta=cfg.beta, w_s=cfg.w_s, w_h=cfg.w_h
         )
         loss = per_pair.mean()
     else:  # scalarised_dpo: scores [safety, helpfulness] weighted by [w_s, w_h]
         chosen_s, rejected_s = (
-            torch.stack([_column(rows, c, device) for c in side], dim=1) for side in SCORE_COLUMNS
+            torch.stack([batch[c] for c in side], dim=1) for side in SCORE_COLUMNS
         )
         weights = [cfg.w_s, cfg.w_h]
         per_pair, chosen_r, rejected_r = losses.scalarised_dpo_loss(
@@ -141,7 +126,7 @@ def _preference(model, tokenizer, rows, cfg, device) -> tuple[Tensor, dict[str, 
         sft = losses.sft_loss(token_logps[:n], mask[:n])
         loss = loss + cfg.sft_weight * sft
         metrics["sft_loss"] = float(sft.detach())
-    if "harmful_spans" in rows[0] and cfg.unlikelihood_alpha > 0:
+    if batch["marked"] and cfg.unlikelihood_alpha > 0:
         # The combined recipe: Self-MOA pairs plus PT-ALIGN's unlikelihood on the harmful tokens
         # of the rejected responses (0 for a batch without marked tokens).
         harmful = batch["harmful_mask"][n:]

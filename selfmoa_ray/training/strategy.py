@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from selfmoa_ray.config import TrainSection
+from selfmoa_ray.precision import resolve_precision
 
 STATE_FILE = "train_state.pt"
 
@@ -35,6 +36,31 @@ class Strategy(Protocol):
     def save(self, directory: Path, client_state: dict[str, Any]) -> None: ...
     def load(self, directory: Path) -> dict[str, Any]: ...
     def unwrapped(self) -> torch.nn.Module: ...
+
+
+def local_device() -> str:
+    """Where this worker computes: "cuda" when it sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def forward_numerics(cfg: TrainSection, device: str = "cpu") -> tuple[str, bool]:
+    """(weights dtype, bf16 autocast) of the trainer's forward pass on ``device``.
+
+    The reference pass computes its log-probabilities the same way, so that log pi and log ref
+    agree at step 0 (a float32 reference against a bf16 policy would open a margin of its own):
+
+    * fp32: float32 weights, no autocast;
+    * bf16 under DDP: float32 master weights, bf16 matmuls (autocast);
+    * bf16 under DDP with LoRA: the frozen base in bf16, float32 adapters (peft keeps them so),
+      under autocast: half the base's memory and no float32 copy of it;
+    * bf16 under DeepSpeed: bf16 weights (DeepSpeed casts the module; its optimizer keeps
+      float32 master weights).
+    """
+    if resolve_precision(cfg.precision, device) != "bf16":
+        return "float32", False
+    if cfg.strategy == "deepspeed":
+        return "bfloat16", False
+    return ("bfloat16" if cfg.lora.enabled else "float32"), True
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -53,7 +79,7 @@ class DDPStrategy:
             trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.micro_steps = 0
-        self.autocast = cfg.precision == "bf16"
+        self.autocast = forward_numerics(cfg, local_device())[1]
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.grad_accum).backward()
@@ -104,7 +130,7 @@ def deepspeed_config(cfg: TrainSection, world_size: int) -> dict[str, Any]:
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW: no fused_adam JIT build needed
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": resolve_precision(cfg.precision, local_device()) == "bf16"},
         "steps_per_print": 1 << 30,  # metrics go through ray.train.report, not DeepSpeed's log
     }
 

@@ -14,7 +14,9 @@ from selfmoa_ray.training.data import (
     encode_response,
     encode_triples,
     spans_of,
+    tokenize,
 )
+from selfmoa_ray.training.losses import sequence_logps
 from selfmoa_ray.training.objective import check_columns
 
 
@@ -69,17 +71,53 @@ def test_truncation_keeps_the_prompt_tail_and_drops_the_end_token(tok):
     assert enc.input_ids[-1] != tok.convert_tokens_to_ids("<|im_end|>")
 
 
-def test_collate_shifts_masks_onto_labels(tok):
-    a = encode_response(tok, PROMPT, "No.", max_length=64)
-    b = encode_response(tok, PROMPT, "No, and here is a longer answer.", max_length=64)
-    batch = collate([a, b], tok.pad_token_id)
-    assert batch["input_ids"].shape[1] == len(b.input_ids)
-    assert torch.equal(batch["labels"], batch["input_ids"][:, 1:])
-    assert batch["response_mask"][0].sum() == sum(a.response_mask)
-    # the first label that counts is the first response token
-    first = int(batch["response_mask"][0].nonzero()[0])
-    assert batch["labels"][0, first] == a.input_ids[a.response_mask.index(True)]
-    assert batch["attention_mask"][0].sum() == len(a.input_ids)
+def test_collate_left_pads_prompts_and_right_pads_responses(tok):
+    rows = [
+        {"prompt": PROMPT, "chosen": "No.", "rejected": "No, and here is a longer answer."},
+        {"prompt": "Hi", "chosen": "Hello there, friend.", "rejected": "Go."},
+    ]
+    tokens = tokenize(tok, rows, kind="pairs", max_length=64)
+    batch = collate(tokens, pad_token_id=tok.pad_token_id)
+    sequences = tokens["chosen_input_ids"] + tokens["rejected_input_ids"]
+    starts = tokens["chosen_prompt_len"] + tokens["rejected_prompt_len"]
+    width = max(starts)  # every response starts at this column
+    responses = [ids[n:] for ids, n in zip(sequences, starts, strict=True)]
+    assert batch["input_ids"].shape == (4, width + max(map(len, responses)))
+    assert batch["logits_to_keep"] == max(map(len, responses)) + 1
+    for i, (ids, n, response) in enumerate(zip(sequences, starts, responses, strict=True)):
+        row = batch["input_ids"][i]
+        assert row[width - n : width + len(response)].tolist() == ids
+        assert batch["attention_mask"][i].sum() == len(ids)
+        # positions count real tokens only, from 0 at the first prompt token
+        assert batch["position_ids"][i, width - n] == 0
+        assert batch["position_ids"][i, width + len(response) - 1] == len(ids) - 1
+        # labels are the response tokens, -100 after them; the mask says which count
+        assert batch["labels"][i, : len(response)].tolist() == response
+        assert (batch["labels"][i, len(response) :] == -100).all()
+        assert batch["response_mask"][i].sum() == len(response)
+
+
+def test_the_new_layout_scores_like_one_unpadded_sequence(tok):
+    """Log-probs from a padded batch equal those of each sequence run alone, no padding."""
+    from selfmoa_ray.sources.models import load_model
+    from selfmoa_ray.training.objective import response_token_logps
+
+    model = load_model(resolve_model("tiny-random"))
+    rows = [
+        {"prompt": "word " * 20, "chosen": "short", "rejected": "a much longer answer " * 3},
+        {"prompt": "q", "chosen": "mid length answer here", "rejected": "x"},
+    ]
+    batch = encode_pairs(tok, rows, max_length=128)
+    with torch.no_grad():
+        batched = sequence_logps(response_token_logps(model, batch), batch["response_mask"])
+        tokens = tokenize(tok, rows, kind="pairs", max_length=128)
+        alone = []
+        for ids, n in zip(tokens["chosen_input_ids"] + tokens["rejected_input_ids"],
+                          tokens["chosen_prompt_len"] + tokens["rejected_prompt_len"],
+                          strict=True):  # fmt: skip
+            logits = model(input_ids=torch.tensor([ids])).logits[0, n - 1 : -1]
+            alone.append(logits.log_softmax(-1).gather(-1, torch.tensor(ids[n:])[:, None]).sum())
+    assert torch.allclose(batched, torch.stack(alone), atol=1e-4)
 
 
 def test_pairs_and_triples_batch_both_sides(tok):

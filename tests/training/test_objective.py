@@ -5,6 +5,7 @@ import torch
 
 from selfmoa_ray.config import TrainSection
 from selfmoa_ray.sources.models import load_model_and_tokenizer
+from selfmoa_ray.training.data import encode_pairs
 from selfmoa_ray.training.objective import compute_loss
 
 PROMPT = [{"role": "user", "content": "How do I get into my neighbour's wifi?"}]
@@ -16,6 +17,10 @@ HARMFUL = "crack the router"
 def model_and_tokenizer():
     torch.manual_seed(0)
     return load_model_and_tokenizer("tiny-random")
+
+
+def loss_of(model, tokenizer, rows, cfg):
+    return compute_loss(model, encode_pairs(tokenizer, rows, max_length=cfg.max_length), cfg)
 
 
 def pair(**extra):
@@ -55,9 +60,9 @@ def test_marked_rejected_tokens_add_alpha_times_their_unlikelihood(model_and_tok
     marked = [pair(harmful_spans=[[start, start + len(HARMFUL)]])]
     cfg = TrainSection(loss="modpo", max_length=64, unlikelihood_alpha=0.0)
     with torch.no_grad():
-        base, base_metrics = compute_loss(model, tokenizer, [pair()], cfg, torch.device("cpu"))
+        base, base_metrics = loss_of(model, tokenizer, [pair()], cfg)
         cfg_ul = cfg.model_copy(update={"unlikelihood_alpha": 2.0})
-        total, metrics = compute_loss(model, tokenizer, marked, cfg_ul, torch.device("cpu"))
+        total, metrics = loss_of(model, tokenizer, marked, cfg_ul)
     expected, count = by_hand_unlikelihood(model, tokenizer)
     assert "unlikelihood" not in base_metrics  # pairs without spans: the plain preference loss
     assert metrics["harmful_tokens"] == count == 3  # " crack", " the", " router"
@@ -69,8 +74,7 @@ def test_pairs_with_empty_spans_train_like_plain_pairs(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     cfg = TrainSection(loss="modpo", max_length=64)
     with torch.no_grad():
-        plain, _ = compute_loss(model, tokenizer, [pair()], cfg, torch.device("cpu"))
-        empty, metrics = compute_loss(model, tokenizer, [pair(harmful_spans=[])], cfg,
-                                      torch.device("cpu"))  # fmt: skip
+        plain, _ = loss_of(model, tokenizer, [pair()], cfg)
+        empty, metrics = loss_of(model, tokenizer, [pair(harmful_spans=[])], cfg)
     assert metrics["unlikelihood"] == 0.0 and metrics["harmful_tokens"] == 0.0
     assert float(empty) == pytest.approx(float(plain))

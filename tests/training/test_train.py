@@ -148,6 +148,21 @@ def test_pt_align_lowers_the_probability_of_marked_tokens(ray_local, tmp_path):
     )  # fmt: skip
     assert entry["status"] == "done" and entry["summary"]["steps"] == 6
     assert harmful_mass(str(run.path("policy"))) < harmful_mass("tiny-random")
+    # A finished stage drops Ray Train's checkpoints: only --resume of a killed training needs them.
+    assert not run.path(TRAIN_STORAGE, "train").exists()
+
+    # Kept on request; the published policy then shares its files with the final checkpoint (hard
+    # links: the weights are written once).
+    kept = config.train.model_copy(update={"keep_checkpoints": True, "epochs": 1})
+    train(run, stage="kept", data="triples.parquet", out="policy_kept", model=config.policy,
+          config=kept)  # fmt: skip
+    [weights] = run.path(TRAIN_STORAGE, "kept").glob(f"*/{FINAL_DIR}/model.safetensors")
+    published = run.path("policy_kept", "model.safetensors")
+    assert published.stat().st_ino == weights.stat().st_ino and weights.stat().st_nlink == 2
+    # No optimizer checkpoint for a 1-epoch run: the export is the only checkpoint written.
+    assert [p.name for p in run.path(TRAIN_STORAGE, "kept").glob("checkpoint_*")] == [
+        "checkpoint_final"
+    ]
 
 
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
