@@ -17,11 +17,13 @@ selfmoa report runs/demo                           # rebuild report.html / metri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from selfmoa_ray.config import Config, ConfigError, list_presets, load_config
+from selfmoa_ray.console import VERBOSE_ENV
 from selfmoa_ray.rundir import RunDir, RunDirError, default_run_root
 
 RECIPE_CHOICES = ["selfmoa", "pt-align", "pt_align", "combined"]
@@ -38,6 +40,11 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     _config_args(parser)
     parser.add_argument("--output-dir", help="run folder (default: run.output_dir/run.name)")
     parser.add_argument("--resume", action="store_true", help="continue the run in that folder")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show Ray's logs and workers' output here too (default: only in <run>/logs/run.log; "
+        f"also ${VERBOSE_ENV}=1)",
+    )  # fmt: skip
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
@@ -173,23 +180,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _train_probe(args.out, args.seed, args.folds)
     if args.command == "run":
         config = load_config(args.config, args.overrides)
-        return _run(config, args.output_dir, args.resume, args.recipe)
+        return _run(config, args.output_dir, args.resume, args.recipe, verbose=args.verbose)
     if args.command == "compare":
         config = load_config(args.config, args.overrides)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-        return _compare(config, args.output_dir, args.resume, recipes)
+        return _compare(config, args.output_dir, args.resume, recipes, verbose=args.verbose)
     if args.command in ("evaluate", "audit"):
         overrides = [*args.overrides, *_target_overrides(args)]
         if args.prompts:
             overrides.append(f"data.eval_files={[str(Path(p).resolve()) for p in args.prompts]}")
         config = load_config(args.config, overrides)
-        return _evaluate(config, args.output_dir, args.resume)
+        return _evaluate(config, args.output_dir, args.resume, verbose=args.verbose)
     if args.command == "redteam":
         overrides = [*args.overrides, *_target_overrides(args)]
         if args.rounds is not None:
             overrides.append(f"redteam.rounds={args.rounds}")
         config = load_config(args.config, overrides)
-        return _redteam(config, args.output_dir, args.resume)
+        return _redteam(config, args.output_dir, args.resume, verbose=args.verbose)
     if args.command == "serve":
         from serve_apps.launch import serve_command
 
@@ -198,7 +205,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(Path(args.run_dir))
     if args.command == "train":
         config = load_config(args.config, args.overrides)
-        return _train(config, Path(args.pairs), args.output_dir, args.resume)
+        return _train(config, Path(args.pairs), args.output_dir, args.resume, verbose=args.verbose)
     raise AssertionError(args.command)
 
 
@@ -238,16 +245,33 @@ def _run_dir(config: Config, output_dir: str | None, resume: bool) -> RunDir:
     )
 
 
-def _run(config: Config, output_dir: str | None, resume: bool, recipe: str = "selfmoa") -> int:
-    from selfmoa_ray.ray_runtime import init_ray
+@contextlib.contextmanager
+def _session(config: Config, root: Path, verbose: bool) -> Iterator[None]:
+    """The run's console (Ray's output to ``<root>/logs/run.log``, our lines to the terminal) and
+    its Ray, shut down inside the console when it was started here."""
+    from selfmoa_ray.console import session
+    from selfmoa_ray.ray_runtime import ray_for_run
+
+    with session(root, verbose=verbose or None), ray_for_run(config.ray):
+        yield
+
+
+def _run(
+    config: Config,
+    output_dir: str | None,
+    resume: bool,
+    recipe: str = "selfmoa",
+    *,
+    verbose: bool = False,
+) -> int:
     from selfmoa_ray.recipes.compare import RECIPES, check_recipes, recipe_name
     from selfmoa_ray.report.html import print_before_after
 
     name = recipe_name(recipe)
     check_recipes(config, [name])  # a bad config or seed file fails before a run folder exists
     run = _run_dir(config, output_dir, resume)
-    init_ray(config.ray)
-    collected = RECIPES[name](config, run)
+    with _session(config, run.root, verbose):
+        collected = RECIPES[name](config, run)
     print()
     print_before_after(collected)
     loop = collected["loop"]
@@ -258,16 +282,22 @@ def _run(config: Config, output_dir: str | None, resume: bool, recipe: str = "se
     return 0
 
 
-def _compare(config: Config, output_dir: str | None, resume: bool, recipes: list[str]) -> int:
-    from selfmoa_ray.ray_runtime import init_ray
+def _compare(
+    config: Config,
+    output_dir: str | None,
+    resume: bool,
+    recipes: list[str],
+    *,
+    verbose: bool = False,
+) -> int:
     from selfmoa_ray.recipes.compare import check_recipes, comparison_table, run_comparison
 
     check_recipes(config, recipes)
     root = Path(output_dir) if output_dir else default_run_root(config).with_name(
         f"{config.run.name}-compare"
     )  # fmt: skip
-    init_ray(config.ray)
-    rows = run_comparison(config, root, recipes, resume=resume)
+    with _session(config, root, verbose):
+        rows = run_comparison(config, root, recipes, resume=resume)
     print("\n" + comparison_table(rows))
     print(f"\ncomparison: {root / 'comparison.md'} (.csv, .json)")
     return 0
@@ -281,17 +311,18 @@ def _check_target(config: Config) -> None:
         check_endpoint(config.policy.endpoint)
 
 
-def _evaluate(config: Config, output_dir: str | None, resume: bool) -> int:
+def _evaluate(
+    config: Config, output_dir: str | None, resume: bool, *, verbose: bool = False
+) -> int:
     import pyarrow.parquet as pq
 
-    from selfmoa_ray.ray_runtime import init_ray
     from selfmoa_ray.report.tables import print_examples, print_metrics
     from selfmoa_ray.stages.evaluate import evaluate_policy
 
     _check_target(config)
     run = _run_dir(config, output_dir, resume)
-    init_ray(config.ray)
-    summary = evaluate_policy(run, config, config.policy, name="baseline")["summary"]
+    with _session(config, run.root, verbose):
+        summary = evaluate_policy(run, config, config.policy, name="baseline")["summary"]
     print_metrics({"baseline": summary["splits"]})
     rows = pq.read_table(run.path("baseline/eval_responses.parquet")).to_pylist()
     print_examples(rows, "eval_harmful")
@@ -299,14 +330,13 @@ def _evaluate(config: Config, output_dir: str | None, resume: bool) -> int:
     return 0
 
 
-def _redteam(config: Config, output_dir: str | None, resume: bool) -> int:
-    from selfmoa_ray.ray_runtime import init_ray
+def _redteam(config: Config, output_dir: str | None, resume: bool, *, verbose: bool = False) -> int:
     from selfmoa_ray.recipes.redteam import SUMMARY, run_redteam, summary_lines
 
     _check_target(config)
     run = _run_dir(config, output_dir, resume)
-    init_ray(config.ray)
-    summary = run_redteam(config, run)
+    with _session(config, run.root, verbose):
+        summary = run_redteam(config, run)
     print("\n" + "\n".join(summary_lines(summary)))
     print(f"\nsummary: {run.path(SUMMARY)}\nrun folder: {run.root}")
     return 0
@@ -321,15 +351,16 @@ def _report(root: Path) -> int:
     return 0
 
 
-def _train(config: Config, pairs: Path, output_dir: str | None, resume: bool) -> int:
-    from selfmoa_ray.ray_runtime import init_ray
+def _train(
+    config: Config, pairs: Path, output_dir: str | None, resume: bool, *, verbose: bool = False
+) -> int:
     from selfmoa_ray.recipes.train_file import POLICY, train_on_file, validate_pairs_file
 
     if not resume:
         validate_pairs_file(config, pairs)  # a bad file fails here, before a run folder or Ray
     run = _run_dir(config, output_dir, resume)
-    init_ray(config.ray)
-    entry = train_on_file(config, pairs, run)
+    with _session(config, run.root, verbose):
+        entry = train_on_file(config, pairs, run)
     print(f"trained: {entry['summary']}")
     print(f"policy (Hugging Face folder): {run.path(POLICY)}")
     return 0

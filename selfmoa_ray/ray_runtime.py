@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -23,10 +25,11 @@ def job_env_vars() -> dict[str, str]:
     return (json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}
 
 
-def init_ray(section: RaySection, **kwargs: Any) -> None:
-    """``ray.init`` from config; a no-op when this process is already connected."""
+def init_ray(section: RaySection, **kwargs: Any) -> bool:
+    """``ray.init`` from config; a no-op when this process is already connected. Returns whether
+    it connected (so the caller that did may ``ray.shutdown()``)."""
     if ray.is_initialized():
-        return
+        return False
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     for key in ("SELFMOA_CACHE", "HF_HOME"):
         if os.environ.get(key):
@@ -45,3 +48,16 @@ def init_ray(section: RaySection, **kwargs: Any) -> None:
     if not joining:  # these size a new local Ray; a cluster has its own
         options |= {"num_cpus": section.num_cpus, "include_dashboard": section.include_dashboard}
     ray.init(**options)
+    return True
+
+
+@contextlib.contextmanager
+def ray_for_run(section: RaySection) -> Iterator[None]:
+    """Ray for the block: :func:`init_ray`, and ``ray.shutdown()`` at the end if it connected here,
+    so Ray's shutdown (and its workers' last output) happens while the run's console is open."""
+    started = init_ray(section)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -7,13 +7,18 @@ is the expensive part (design.md 5.1), so actors are reused, never recreated per
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from selfmoa_ray.engines.base import SamplingParams, chat_of, explode, rows_of
 from selfmoa_ray.sources.models import load_model_and_tokenizer
+
+# Cache layers that hold only keys and values, so repeating them along the batch copies everything.
+REPEATABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 def batch_seed(seed: int, prompts: list[str]) -> int:
@@ -43,6 +48,7 @@ class HFChatEngine:
         self.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
         self.sampling = sampling
         self.device = device
+        self._forward_parameters = set(inspect.signature(self.model.forward).parameters)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = rows_of(batch)
@@ -54,27 +60,22 @@ class HFChatEngine:
         return explode(list(batch), rows, self.generate(prompts))
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str]) -> list[list[dict[str, Any]]]:
-        """``n`` samples for each already-templated prompt."""
+    def generate(
+        self, prompts: list[str], *, shared_prefill: bool | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """``n`` samples for each already-templated prompt.
+
+        ``shared_prefill`` (default: when sampling ``n > 1``) prefills each prompt once and
+        decodes its ``n`` samples from copies of that cache; ``True`` forces it, also for greedy
+        decoding, which is how the tests check it against the plain path token for token.
+        """
         p = self.sampling
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self.device)
         # Seeded by the batch's content, not once per actor: the same seed for every batch would
         # draw the same random numbers at the same positions of different batches.
         torch.manual_seed(batch_seed(p.seed, prompts))
-        # Greedy samples are all identical: decode once, then repeat the result n times.
-        per_prompt = 1 if p.greedy else p.n
-        generated = self.model.generate(
-            **enc,
-            max_new_tokens=p.max_new_tokens,
-            do_sample=not p.greedy,
-            temperature=p.temperature if not p.greedy else None,
-            top_p=p.top_p if not p.greedy else None,
-            top_k=None,
-            num_return_sequences=per_prompt,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        new_tokens = generated[:, enc["input_ids"].shape[1] :].cpu()
+        new_tokens, per_prompt = self.new_tokens(enc, shared_prefill=shared_prefill)
         prompt_lengths = enc["attention_mask"].sum(dim=1).cpu()
         eos = self.tokenizer.eos_token_id
         results: list[list[dict[str, Any]]] = []
@@ -96,3 +97,76 @@ class HFChatEngine:
                 )
             results.append(samples)
         return results
+
+    @torch.inference_mode()
+    def new_tokens(
+        self, enc: Any, *, shared_prefill: bool | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """The generated ids of a tokenised batch (pads and EOS included), on the CPU, with the
+        rows each prompt has: ``n``, or 1 when greedy samples are decoded once and repeated.
+
+        Rows ``i * per_prompt .. (i + 1) * per_prompt - 1`` belong to prompt ``i``, as with
+        ``num_return_sequences``. ``shared_prefill``: see :meth:`generate`.
+        """
+        p = self.sampling
+        if shared_prefill is None:
+            shared_prefill = p.n > 1 and not p.greedy
+        cache = self._shared_prefill(enc, p.n) if shared_prefill else None
+        if cache is not None:
+            per_prompt = p.n
+            generated = self.model.generate(
+                input_ids=enc["input_ids"].repeat_interleave(p.n, dim=0),
+                attention_mask=enc["attention_mask"].repeat_interleave(p.n, dim=0),
+                past_key_values=cache,
+                **self._decoding(),
+            )
+        else:
+            # Greedy samples are all identical: decode once, then repeat the result n times.
+            per_prompt = 1 if p.greedy else p.n
+            generated = self.model.generate(
+                **enc, num_return_sequences=per_prompt, **self._decoding()
+            )
+        return generated[:, enc["input_ids"].shape[1] :].cpu(), per_prompt
+
+    def _decoding(self) -> dict[str, Any]:
+        """``generate`` keywords for the configured sampling (shared by both paths)."""
+        p = self.sampling
+        return {
+            "max_new_tokens": p.max_new_tokens,
+            "do_sample": not p.greedy,
+            "temperature": p.temperature if not p.greedy else None,
+            "top_p": p.top_p if not p.greedy else None,
+            "top_k": None,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def _shared_prefill(self, enc: Any, n: int) -> DynamicCache | None:
+        """The KV cache of every prompt but its last token, computed once and repeated ``n`` times.
+
+        ``num_return_sequences=n`` repeats the prompts before the prefill, which then costs ``n``
+        times over (most of the time for long guided prompts on CPU). The last token is left for
+        ``generate``, whose first step needs its logits. ``None`` where sharing does not apply:
+        nothing to prefill (one-token prompts), or a model whose cache layers hold more than keys
+        and values (e.g. linear-attention states, which ``batch_repeat_interleave`` would not copy).
+        """
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] < 2:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        if any(type(layer) not in REPEATABLE_LAYERS for layer in cache.layers):
+            return None
+        head, head_mask = ids[:, :-1], mask[:, :-1]
+        # generate's own positions for left padding: real tokens count from 0, pads sit at 0
+        positions = (head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
+        # logits of the last position only (the rest are never read), where the model allows it
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_parameters else {}
+        self.model(
+            input_ids=head,
+            attention_mask=head_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **keep,
+        )
+        cache.batch_repeat_interleave(n)
+        return cache

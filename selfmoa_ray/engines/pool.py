@@ -50,10 +50,58 @@ def engine_class_and_kwargs(
     raise ValueError(f"unknown engine.backend {engine.backend!r}; use 'hf' or 'vllm'")
 
 
+def chat_contents(batch: pa.Table) -> list[list[str]]:
+    """Each row's chat as its turns' contents: its ``messages``, else its ``text``. A malformed
+    row gets no turns here; the engine rejects it by name."""
+    columns = batch.column_names
+    messages = batch.column("messages").to_pylist() if "messages" in columns else None
+    texts = batch.column("text").to_pylist() if "text" in columns else None
+    out = []
+    for i in range(batch.num_rows):
+        if messages and messages[i]:
+            out.append([str(m.get("content") or "") for m in messages[i] if isinstance(m, dict)])
+        else:
+            text = texts[i] if texts else None
+            out.append([text] if isinstance(text, str) else [])
+    return out
+
+
+def prompt_chars(batch: pa.Table) -> list[int]:
+    """The characters of each row's chat: the length that decides its padding."""
+    return [sum(map(len, turns)) for turns in chat_contents(batch)]
+
+
+def longest_first(block: pa.Table) -> pa.Table:
+    """A block's rows by chat length, longest first. Ties go by ``id``, then by the chat itself:
+    the order (so each batch, and its seed) must not depend on which input block came first."""
+    turns = chat_contents(block)
+    ids = block.column("id").to_pylist() if "id" in block.column_names else [""] * len(turns)
+    order = sorted(
+        range(block.num_rows),
+        key=lambda i: (-sum(map(len, turns[i])), str(ids[i]), turns[i]),
+    )
+    return block.take(pa.array(order, pa.int64()))
+
+
+def by_prompt_length(ds: ray.data.Dataset, batch_size: int) -> ray.data.Dataset:
+    """The rows sorted by chat length, longest first, cut into blocks of ``batch_size`` rows.
+
+    A padded batch of similar lengths computes less padding, and the slowest batches start first
+    (actors finish together). Prompt sets are small, so they are sorted as one block: a barrier
+    (every prompt row is read before the first batch) but one cheap task. ``Dataset.sort`` costs
+    far more here (Ray 2.60's shuffle splits a few hundred rows into up to 200 partitions,
+    whose fragments reach the engine as part-empty batches). The cut matters as much: an actor
+    pool hands a whole block to one actor, so one sorted block would leave the others idle.
+    """
+    one = ds.repartition(1).map_batches(longest_first, batch_format="pyarrow", batch_size=None)
+    return one.repartition(target_num_rows_per_block=batch_size)
+
+
 def generate(
     ds: ray.data.Dataset, model: ModelSection, engine: EngineSection, sampling: SamplingParams
 ) -> ray.data.Dataset:
-    """Rows with ``id`` and ``text``/``messages`` in; one row per sample out (engines/base.py).
+    """Rows with ``id`` and ``text``/``messages`` in; one row per sample out (engines/base.py), in
+    no particular order (the transformers engine gets them sorted by length, longest first).
 
     A model with an ``endpoint`` is answered by that URL (engines/endpoint.py), not loaded.
     """
@@ -62,6 +110,8 @@ def generate(
 
         return generate_via_endpoint(ds, model.endpoint, sampling)
     engine_class, kwargs = engine_class_and_kwargs(model, engine)
+    if engine.backend == "hf":  # vLLM batches tokens, not padded rows: order gains it nothing
+        ds = by_prompt_length(ds, engine.batch_size)
     return ds.map_batches(
         engine_class,
         fn_constructor_args=(model.source, sampling),
@@ -78,14 +128,27 @@ def complete(
     model: ModelSection,
     engine: EngineSection,
     sampling: SamplingParams,
+    *,
+    label: str = "generate",
 ) -> dict[str, str]:
     """One completion per chat (``{id: messages}`` in, ``{id: response}`` out) through the engine
-    actor pool: the generation step of the data-writing stages (red team, PT-ALIGN)."""
+    actor pool: the generation step of the data-writing stages (red team, PT-ALIGN). The console
+    shows a progress bar (``label``) as the answers come back."""
+    from selfmoa_ray.console import row_progress
+
     if not chats:
         return {}
     sampling = replace(sampling, n=1)
     ds = ray.data.from_arrow(
         pa.table({"id": list(chats), "messages": [list(m) for m in chats.values()]})
     )
-    rows = generate(ds, model, engine, sampling).select_columns(["id", "response"]).take_all()
-    return {str(row["id"]): str(row["response"]) for row in rows}
+    answers = generate(ds, model, engine, sampling).select_columns(
+        ["id", "response", "response_tokens"]
+    )
+    out: dict[str, str] = {}
+    with row_progress(label, len(chats), tokens=True) as advance:
+        for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
+            ids, responses = batch.column("id").to_pylist(), batch.column("response").to_pylist()
+            out.update((str(i), str(r)) for i, r in zip(ids, responses, strict=True))
+            advance(batch)
+    return out

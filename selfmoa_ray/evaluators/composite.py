@@ -28,7 +28,7 @@ def build_evaluator(spec: EvaluatorSection, *, dtype: str = "float32") -> Evalua
     if spec.kind == "probe":
         from selfmoa_ray.evaluators.probe import ProbeEvaluator
 
-        return ProbeEvaluator(spec.model)
+        return ProbeEvaluator(spec.model, dtype=dtype)
     if spec.kind == "llama_guard":
         from selfmoa_ray.evaluators.llama_guard import LlamaGuardEvaluator
 

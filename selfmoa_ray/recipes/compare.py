@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from selfmoa_ray import console
 from selfmoa_ray.config import Config
 from selfmoa_ray.recipes.pt_align import run_pt_align
 from selfmoa_ray.recipes.selfmoa import check_recipe, run_selfmoa
@@ -143,7 +144,7 @@ def run_comparison(
         run = RunDir.create(root / name, config, resume=resume)
         if first is not None:
             adopt_baseline(first, run)
-        print(f"\n=== recipe {name} ({run.root}) ===", flush=True)
+        console.current().line(f"\n=== recipe {name} ({run.root}) ===")
         rows.append(comparison_row(name, RECIPES[name](config, run)))
         first = first or run
     write_comparison(root, rows)

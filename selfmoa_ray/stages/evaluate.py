@@ -13,6 +13,7 @@ import pyarrow as pa
 import ray.data
 
 from selfmoa_ray.config import Config, DataSection, ModelSection
+from selfmoa_ray.console import row_progress
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import generate
 from selfmoa_ray.report.metrics import summarize
@@ -47,7 +48,12 @@ def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str)
         ds = ray.data.from_items([p.to_dict() for p in prompts])
         ds = generate(ds, model, config.engine, sampling)
         ds = judge_dataset(ds, config.judge, model.dtype)
-        rows = sorted(ds.take_all(), key=lambda r: (r["id"], r["sample_index"]))
+        rows: list[dict[str, Any]] = []
+        with row_progress(f"{name}/evaluate", len(prompts), tokens=True) as advance:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows.extend(batch.to_pylist())
+                advance(batch)
+        rows.sort(key=lambda r: (r["id"], r["sample_index"]))
         write_parquet(run.path(responses), pa.Table.from_pylist(rows))
         summary = {"model": model.label, "splits": summarize(rows, config.judge.unsafe_threshold)}
         write_json(run.path(metrics), summary)

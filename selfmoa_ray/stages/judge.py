@@ -48,7 +48,7 @@ def judge(
 
     def work() -> dict[str, Any]:
         ds = ray.data.read_parquet(str(run.path(responses)))
-        write_dataset(judge_dataset(ds, config, dtype), run, out)
+        write_dataset(judge_dataset(ds, config, dtype), run, out, total=ds.count(), label=stage)
         table = pq.read_table(run.path(out), columns=["safety", "refusal"])
         safety = table.column("safety").to_pylist()
         return {

@@ -108,7 +108,9 @@ def reference(
         ds = ray.data.read_parquet(str(run.path(pairs)))
         dpo = train.model_copy(update={"loss": "dpo"})  # the pair columns, minus the new ones
         check_columns(dpo, ds.schema().names + list(REFERENCE_COLUMNS))
-        write_dataset(reference_dataset(ds, model, engine, train), run, out)
+        write_dataset(
+            reference_dataset(ds, model, engine, train), run, out, total=ds.count(), label=stage
+        )
         table = pq.read_table(run.path(out), columns=list(REFERENCE_COLUMNS[:2]))
         chosen = np.asarray(table.column("ref_chosen_logps"))
         rejected = np.asarray(table.column("ref_rejected_logps"))

@@ -16,6 +16,7 @@ guide made it answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from selfmoa_ray.config import EngineSection, ModelSection
+from selfmoa_ray.console import row_progress
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import generate
 from selfmoa_ray.rundir import RunDir, atomic_path
@@ -30,10 +32,48 @@ from selfmoa_ray.rundir import RunDir, atomic_path
 GUIDED = "guided"
 
 
-def write_dataset(ds: ray.data.Dataset, run: RunDir, out: str) -> None:
-    """Write a dataset as a Parquet folder, published only once complete."""
-    with atomic_path(run.path(out)) as tmp:
-        ds.write_parquet(str(tmp))
+def write_dataset(
+    ds: ray.data.Dataset,
+    run: RunDir,
+    out: str,
+    *,
+    total: int | None = None,
+    label: str | None = None,
+    tokens: bool = False,
+) -> None:
+    """Write a dataset as a Parquet folder (one part file per block), published only once complete.
+
+    The blocks stream through the driver as they are produced, so the console's progress bar
+    (``label``, default ``out``; ``total`` rows expected, for its ETA; ``tokens``: generated
+    tokens/s from ``response_tokens``) shows the running stage. Part files whose schemas differ
+    (a block whose column is all null) are rewritten to the unified schema, so any reader of the
+    folder sees one schema.
+    """
+    with atomic_path(run.path(out)) as tmp, row_progress(label or out, total, tokens=tokens) as bar:
+        tmp.mkdir()
+        parts: list[tuple[Path, pa.Schema]] = []
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if block.num_rows or not parts:  # one empty part keeps the schema of an empty result
+                part = tmp / f"part-{len(parts):05d}.parquet"
+                pq.write_table(block, part)
+                parts.append((part, block.schema))
+            bar(block)
+        if not parts:  # no block at all: an empty table of the dataset's schema
+            schema = ds.schema()
+            empty = pa.schema(schema.base_schema) if schema is not None else pa.schema([])
+            pq.write_table(empty.empty_table(), tmp / "part-00000.parquet")
+        _unify_parts(parts)
+
+
+def _unify_parts(parts: list[tuple[Path, pa.Schema]]) -> None:
+    schemas = [schema for _, schema in parts]
+    if all(schema.equals(schemas[0]) for schema in schemas[1:]):
+        return
+    unified = pa.unify_schemas(schemas, promote_options="permissive")
+    for part, schema in parts:
+        if not schema.equals(unified):
+            table = pq.read_table(part)
+            pq.write_table(table.select(unified.names).cast(unified), part)
 
 
 def with_chat(guide: Sequence[dict[str, str]] | None):
@@ -87,7 +127,9 @@ def sample(
         if guide:
             chats = chats.union(ds.map_batches(with_chat(guide), batch_format="pyarrow"))
         answers = generate(chats, model, engine, sampling)
-        write_dataset(answers.map_batches(drop_chat(sampling.n), batch_format="pyarrow"), run, out)
+        expected = ds.count() * sampling.n * (2 if guide else 1)  # from the Parquet metadata
+        write_dataset(answers.map_batches(drop_chat(sampling.n), batch_format="pyarrow"), run, out,
+                      total=expected, label=stage, tokens=True)  # fmt: skip
         table = pq.read_table(run.path(out), columns=["response_tokens", GUIDED])
         return {
             "model": model.label,

@@ -11,6 +11,7 @@ runs again, so they would only fill the disk (1.6 GB of optimizer state for Smol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from ray.data import ActorPoolStrategy
 from ray.train.torch import TorchTrainer
 
 from selfmoa_ray.config import ModelSection, TrainSection
+from selfmoa_ray.console import remote_progress
 from selfmoa_ray.rundir import TRAIN_STORAGE_DIR, RunDir, atomic_path
 from selfmoa_ray.training.data import (
     SCALAR_COLUMNS,
@@ -85,26 +87,29 @@ def fit(
             f"{cfg.num_workers} workers; lower train.batch_size or train.num_workers"
         )
     storage = storage.resolve()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.model_dump(),
-            "model_path": model_path,
-            "rows": rows,
-            "seed": seed,
-            # Ray Train's folder for this run, where workers write checkpoints in place.
-            "checkpoint_root": str(storage / name),
-        },
-        scaling_config=scaling_config(cfg),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": with_tokens(ds, model_path, cfg)},
-    )
-    return trainer.fit()
+    steps = rows // (cfg.num_workers * cfg.batch_size) * cfg.epochs
+    with remote_progress(name, total=steps, unit="batch") as progress:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "train": cfg.model_dump(),
+                "model_path": model_path,
+                "rows": rows,
+                "seed": seed,
+                # Ray Train's folder for this run, where workers write checkpoints in place.
+                "checkpoint_root": str(storage / name),
+                "progress": progress,  # the console's bar (None when none is drawn)
+            },
+            scaling_config=scaling_config(cfg),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=str(storage),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            ),
+            datasets={"train": with_tokens(ds, model_path, cfg)},
+        )
+        return trainer.fit()
 
 
 def publish(checkpoint: ray.train.Checkpoint, target: Path) -> None:
@@ -164,5 +169,9 @@ def train(
 
     entry = run.run_stage(stage, [out], work)
     if not config.keep_checkpoints:
-        shutil.rmtree(run.path(TRAIN_STORAGE, stage), ignore_errors=True)
+        folder = run.path(TRAIN_STORAGE, stage)
+        shutil.rmtree(folder, ignore_errors=True)
+        for parent in folder.relative_to(run.root).parents[:-1]:  # iter_01/, then ray_train/
+            with contextlib.suppress(OSError):  # kept while other stages' checkpoints are there
+                run.path(parent).rmdir()
     return entry

@@ -67,7 +67,6 @@ class PadBatch(NumpyBatchCollateFn):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from tqdm import tqdm
 
     from selfmoa_ray.config import TrainSection
     from selfmoa_ray.precision import resolve_precision
@@ -100,12 +99,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     batches_per_epoch = config["rows"] // (world * cfg.batch_size)
     shard = ray.train.get_dataset_shard("train")
-    progress = tqdm(
-        total=batches_per_epoch * cfg.epochs,
-        initial=state["epoch"] * batches_per_epoch + state["batches_done"],
-        desc="train",
-        disable=rank != 0,
-    )
+    # The driver's progress bar (console.remote_progress), moved by rank 0; None when none is drawn.
+    progress = config.get("progress") if rank == 0 else None
 
     def report(metrics: dict[str, float], save: bool) -> None:
         """Metrics, with a checkpoint when ``save``. Checkpoints are written straight into Ray
@@ -140,8 +135,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stepped = strategy.step()
             state["batches_done"] = i + 1
             state["micro_steps"] = getattr(strategy, "micro_steps", state["micro_steps"] + 1)
-            progress.update(1)
             metrics = {"loss": float(loss.detach()), **metrics}
+            if progress is not None:
+                done = epoch * batches_per_epoch + i + 1
+                progress.report(
+                    done, batches_per_epoch * cfg.epochs, loss=round(metrics["loss"], 4)
+                )
             if stepped:
                 state["step"] += 1
                 metrics["samples_per_s"] = (
@@ -154,7 +153,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The last epoch needs no checkpoint of its own: the export below is the final one.
         if epoch + 1 < cfg.epochs:
             report(metrics, save=True)
-    progress.close()
 
     # The export: the merged policy in Hugging Face format, as the final checkpoint.
     zero_stage = cfg.zero_stage if cfg.strategy == "deepspeed" else None
