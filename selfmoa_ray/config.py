@@ -98,7 +98,12 @@ class EngineSection(Section):
     """How generation is run: which backend and how its Ray Data actor pool is sized."""
 
     backend: Literal["hf", "vllm"] = "hf"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="sequences decoded together: prompts per batch x samples per prompt (n when "
+        "sampling, 1 when greedy); the transformers engine fills equal batches up to it",
+    )
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)

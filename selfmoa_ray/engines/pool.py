@@ -12,11 +12,13 @@ tests do. A model with ``endpoint`` set loads nothing: Ray Data's HTTP processor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
+import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
@@ -83,18 +85,52 @@ def longest_first(block: pa.Table) -> pa.Table:
     return block.take(pa.array(order, pa.int64()))
 
 
-def by_prompt_length(ds: ray.data.Dataset, batch_size: int) -> ray.data.Dataset:
-    """The rows sorted by chat length, longest first, cut into blocks of ``batch_size`` rows.
+def balanced(rows: int, limit: int) -> int:
+    """The smallest batch size that needs no more batches than ``limit`` does: 80 rows with a
+    limit of 72 make 2 batches of 40, not 72 and a nearly empty 8 (a batch costs about as long as
+    its longest row, whatever its size, so a small last batch runs at a fraction of the speed)."""
+    if rows <= 0:
+        return max(1, limit)
+    return math.ceil(rows / math.ceil(rows / limit))
+
+
+def as_dataset(table: pa.Table, rows_per_block: int | None = None) -> ray.data.Dataset:
+    """An in-memory table as a dataset in blocks of ``rows_per_block`` rows (one block if None).
+
+    An actor pool hands a whole block to one actor, so the cut decides how work spreads. Blocks
+    made here need no Ray task to cut them: a repartition inside a pipeline is a task wanting a
+    whole CPU, which cannot start on a cluster whose CPUs the pipeline's actors already hold
+    (tests/jobs/test_multinode.py: a node gone, 2 CPUs left), and the pipeline waits forever.
+    """
+    if not rows_per_block or table.num_rows <= rows_per_block:
+        return ray.data.from_arrow(table)
+    step = rows_per_block
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+
+
+def by_prompt_length(ds: ray.data.Dataset, batch_size: int) -> tuple[ray.data.Dataset, int]:
+    """The rows sorted by chat length, longest first, cut into equal blocks of at most
+    ``batch_size`` rows; returns them and the block size (:func:`balanced`).
 
     A padded batch of similar lengths computes less padding, and the slowest batches start first
-    (actors finish together). Prompt sets are small, so they are sorted as one block: a barrier
-    (every prompt row is read before the first batch) but one cheap task. ``Dataset.sort`` costs
-    far more here (Ray 2.60's shuffle splits a few hundred rows into up to 200 partitions,
-    whose fragments reach the engine as part-empty batches). The cut matters as much: an actor
-    pool hands a whole block to one actor, so one sorted block would leave the others idle.
+    (actors finish together). Prompt sets are small (hundreds of rows), so they are sorted on the
+    driver: a barrier (every prompt row is read before the first batch), but no shuffle.
+    ``Dataset.sort`` costs far more here (Ray 2.60's shuffle splits a few hundred rows into up to
+    200 partitions, whose fragments reach the engine as part-empty batches).
     """
-    one = ds.repartition(1).map_batches(longest_first, batch_format="pyarrow", batch_size=None)
-    return one.repartition(target_num_rows_per_block=batch_size)
+    tables = ray.get(ds.to_arrow_refs())
+    if not tables:
+        return ds, batch_size
+    table = longest_first(pa.concat_tables(tables, promote_options="default"))
+    size = balanced(table.num_rows, batch_size)
+    return as_dataset(table, size), size
+
+
+def rows_per_batch(engine: EngineSection, sampling: SamplingParams) -> int:
+    """Prompt rows per engine batch: ``engine.batch_size`` counts sequences decoded together, and
+    each prompt decodes ``n`` of them when sampling (one when greedy: its samples are copies)."""
+    per_prompt = 1 if sampling.greedy else sampling.n
+    return max(1, engine.batch_size // per_prompt)
 
 
 def generate(
@@ -110,13 +146,14 @@ def generate(
 
         return generate_via_endpoint(ds, model.endpoint, sampling)
     engine_class, kwargs = engine_class_and_kwargs(model, engine)
+    batch_size = rows_per_batch(engine, sampling)
     if engine.backend == "hf":  # vLLM batches tokens, not padded rows: order gains it nothing
-        ds = by_prompt_length(ds, engine.batch_size)
+        ds, batch_size = by_prompt_length(ds, batch_size)
     return ds.map_batches(
         engine_class,
         fn_constructor_args=(model.source, sampling),
         fn_constructor_kwargs=kwargs,
-        batch_size=engine.batch_size,
+        batch_size=batch_size,
         compute=ActorPoolStrategy(size=engine.num_actors),
         num_cpus=engine.num_cpus_per_actor,
         num_gpus=engine.num_gpus_per_actor or None,

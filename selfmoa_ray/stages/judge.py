@@ -15,7 +15,7 @@ from ray.data import ActorPoolStrategy
 from selfmoa_ray.config import JudgeSection
 from selfmoa_ray.evaluators.composite import CompositeJudge
 from selfmoa_ray.rundir import RunDir
-from selfmoa_ray.stages.sample import write_dataset
+from selfmoa_ray.stages.sample import read_dataset, write_dataset
 
 
 def judge_dataset(
@@ -47,7 +47,7 @@ def judge(
     ``dtype``: the model judges' weights (bf16 halves an 8B guard's 32 GB on GPUs)."""
 
     def work() -> dict[str, Any]:
-        ds = ray.data.read_parquet(str(run.path(responses)))
+        ds = read_dataset(run, responses, rows_per_block=config.batch_size)
         write_dataset(judge_dataset(ds, config, dtype), run, out, total=ds.count(), label=stage)
         table = pq.read_table(run.path(out), columns=["safety", "refusal"])
         safety = table.column("safety").to_pylist()

@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy
 
 from selfmoa_ray.config import EngineSection, ModelSection, TrainSection
 from selfmoa_ray.rundir import RunDir
-from selfmoa_ray.stages.sample import write_dataset
+from selfmoa_ray.stages.sample import read_dataset, write_dataset
 from selfmoa_ray.training.data import collate, to_device, token_arrays, tokenize
 from selfmoa_ray.training.losses import sequence_logps
 from selfmoa_ray.training.objective import check_columns, response_token_logps
@@ -105,7 +105,7 @@ def reference(
     """Run (or skip, if done) the reference pass of ``pairs`` into ``out``; run-relative paths."""
 
     def work() -> dict[str, Any]:
-        ds = ray.data.read_parquet(str(run.path(pairs)))
+        ds = read_dataset(run, pairs, rows_per_block=train.batch_size * 2)
         dpo = train.model_copy(update={"loss": "dpo"})  # the pair columns, minus the new ones
         check_columns(dpo, ds.schema().names + list(REFERENCE_COLUMNS))
         write_dataset(

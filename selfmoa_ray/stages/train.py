@@ -12,6 +12,7 @@ runs again, so they would only fill the disk (1.6 GB of optimizer state for Smol
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -19,12 +20,13 @@ from typing import Any
 
 import ray.data
 import ray.train
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from selfmoa_ray.config import ModelSection, TrainSection
 from selfmoa_ray.console import remote_progress
 from selfmoa_ray.rundir import TRAIN_STORAGE_DIR, RunDir, atomic_path
+from selfmoa_ray.stages.sample import read_dataset
 from selfmoa_ray.training.data import (
     SCALAR_COLUMNS,
     MalformedPairError,
@@ -69,6 +71,14 @@ def with_tokens(ds: ray.data.Dataset, model_path: str, cfg: TrainSection) -> ray
     return ds.select_columns(tokens + keep)
 
 
+def ordered() -> ExecutionOptions:
+    """Ray Data's default execution options, but rows kept in order (Ray Data lets blocks
+    overtake each other by default, which would make training depend on timing)."""
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return options
+
+
 def fit(
     ds: ray.data.Dataset,
     *,
@@ -108,6 +118,8 @@ def fit(
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             ),
             datasets={"train": with_tokens(ds, model_path, cfg)},
+            # Batches in file order, every time: the same pairs and seed train the same policy.
+            dataset_config=ray.train.DataConfig(execution_options=ordered()),
         )
         return trainer.fit()
 
@@ -140,7 +152,7 @@ def train(
     unless ``train.keep_checkpoints``."""
 
     def work() -> dict[str, Any]:
-        ds = ray.data.read_parquet(str(run.path(data)))
+        ds = read_dataset(run, data, rows_per_block=config.batch_size)
         result = fit(
             ds,
             model_path=model.source,

@@ -5,10 +5,19 @@ from __future__ import annotations
 import random
 
 import pyarrow as pa
+import pytest
 import ray.data
 from ray.data import ActorPoolStrategy
 
-from selfmoa_ray.engines.pool import by_prompt_length, longest_first, prompt_chars
+from selfmoa_ray.config import EngineSection
+from selfmoa_ray.engines.base import SamplingParams
+from selfmoa_ray.engines.pool import (
+    balanced,
+    by_prompt_length,
+    longest_first,
+    prompt_chars,
+    rows_per_batch,
+)
 
 
 def test_longest_first_orders_rows_by_their_chat():
@@ -37,13 +46,12 @@ def test_sorted_rows_come_in_blocks_of_one_batch(ray_local):
     """Rows spread over several blocks come out sorted in blocks of ``batch_size`` rows: an
     actor pool hands each block to one actor, so every actor of the pool gets batches."""
     rows = _rows()
+    ds, size = by_prompt_length(ray.data.from_items(rows, override_num_blocks=5), 8)
     blocks = [
         block.column("id").to_pylist()
-        for block in by_prompt_length(
-            ray.data.from_items(rows, override_num_blocks=5), 8
-        ).iter_batches(batch_size=None, batch_format="pyarrow")  # one batch per block
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow")  # one per block
     ]
-    assert [len(b) for b in blocks] == [8] * 6 + [3]
+    assert size == 8 and [len(b) for b in blocks] == [8] * 6 + [3]
     chars = {r["id"]: len(r.get("text") or r["messages"][0]["content"]) for r in rows}
     ids = [i for block in blocks for i in block]
     assert sorted(ids) == sorted(chars) and ids[0] == "m"
@@ -56,9 +64,9 @@ def test_the_engine_gets_full_batches_of_similar_lengths(ray_local):
             chars = prompt_chars(batch)
             return pa.table({"n": [batch.num_rows], "lo": [min(chars)], "hi": [max(chars)]})
 
-    ds = by_prompt_length(ray.data.from_items(_rows(), override_num_blocks=5), 8)
+    ds, size = by_prompt_length(ray.data.from_items(_rows(), override_num_blocks=5), 8)
     batches = ds.map_batches(
-        Batches, batch_size=8, batch_format="pyarrow", compute=ActorPoolStrategy(size=2),
+        Batches, batch_size=size, batch_format="pyarrow", compute=ActorPoolStrategy(size=2),
         num_cpus=0.5,
     ).take_all()  # fmt: skip
     assert sorted(b["n"] for b in batches) == [3] + [8] * 6  # 51 rows: one part batch
@@ -69,4 +77,31 @@ def test_the_engine_gets_full_batches_of_similar_lengths(ray_local):
 
 def test_an_empty_dataset_stays_empty(ray_local):
     ds = ray.data.from_items([{"id": "x", "text": "y"}]).limit(0)
-    assert by_prompt_length(ds, 4).take_all() == []
+    assert by_prompt_length(ds, 4)[0].take_all() == []
+
+
+def test_batches_are_balanced_and_count_sequences():
+    assert balanced(80, 72) == 40 and balanced(72, 72) == 72 and balanced(73, 72) == 37
+    assert balanced(51, 8) == 8 and balanced(3, 8) == 3 and balanced(0, 8) == 8
+    sampled = SamplingParams(n=3, temperature=0.8)
+    assert rows_per_batch(EngineSection(batch_size=96), sampled) == 32  # 32 prompts x 3 samples
+    assert rows_per_batch(EngineSection(batch_size=96), SamplingParams(n=3)) == 96  # greedy: 1
+    assert rows_per_batch(EngineSection(batch_size=2), sampled) == 1
+
+
+@pytest.mark.timeout(120)
+def test_the_pool_runs_when_its_actors_hold_every_cpu(ray_local):
+    """The sorted blocks need no Ray task once the pool starts: on a cluster whose CPUs its
+    actors hold (a node lost mid-run), a task between the rows and the actors never starts."""
+    cpus = ray_local.cluster_resources()["CPU"]
+
+    class Count:
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            return pa.table({"n": [batch.num_rows]})
+
+    ds, size = by_prompt_length(ray.data.from_items(_rows(), override_num_blocks=5), 8)
+    batches = ds.map_batches(
+        Count, batch_size=size, batch_format="pyarrow", compute=ActorPoolStrategy(size=2),
+        num_cpus=cpus / 2,
+    ).take_all()  # fmt: skip
+    assert sum(b["n"] for b in batches) == 51
