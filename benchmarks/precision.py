@@ -1,5 +1,5 @@
-"""Quality of bfloat16 against float32 on the same inputs: the policy's greedy answers and the
-MiniLM probe's scores.
+"""Quality of bfloat16 against float32 on the same inputs: the policy's greedy answers, the
+MiniLM probe's scores and the reference pass's log-probabilities.
 
     .venv/bin/python benchmarks/precision.py                        # 40 + 40 prompts, 48 tokens
     .venv/bin/python benchmarks/precision.py --harmful 8 --benign 8 --max-new-tokens 16
@@ -17,6 +17,15 @@ prompt/answer pairs (both answer sets): the largest and the mean absolute differ
 ``probe_safety``, and the share of rows whose decisions flip at 0.5 (unsafe: safety < 0.5;
 refusal: probe_refusal >= 0.5), with the unsafe and refusal rates on each side. The last table
 row is end to end: float32 policy and judge against bfloat16 policy and judge.
+
+(c) Reference log-probabilities, as the reference pass and the trainer compute them
+(``training/data.py``'s batches, ``response_token_logps``), on pairs made of each prompt's float32
+and bfloat16 greedy answers: float32 against the two bf16 numerics the trainer uses
+(``training/strategy.forward_numerics``): bf16 autocast over float32 weights (DDP), and bf16
+weights (a LoRA base, DeepSpeed). Per numerics: the mean and largest absolute difference of a
+response's mean log-prob per token, the largest difference of its summed log-prob, the mean
+difference of the pair's log-ratio (chosen minus rejected: what DPO reads), and the share of pairs
+(with different answers) whose log-ratio changes sign.
 
 This measures quality only. Where bf16 is emulated (no AMX-BF16/AVX512-BF16: the header line says
 which) it is several times slower than float32, so the timings printed say nothing about speed
@@ -104,6 +113,60 @@ def opening_agreement(a: list[list[int]], b: list[list[int]], k: int) -> float:
     return sum(x[:k] == y[:k] for x, y in zip(a, b, strict=True)) / len(a)
 
 
+NUMERICS = {  # name: (weights dtype, bf16 autocast), as training/strategy.forward_numerics
+    "float32": ("float32", False),
+    "bf16 autocast": ("float32", True),
+    "bf16 weights": ("bfloat16", True),
+}
+
+
+def reference_logps(model: str, numerics: tuple[str, bool], pairs: list[dict], args) -> dict:
+    """Each pair's chosen and rejected responses' summed log-probs and token counts, computed
+    the reference pass's way (one padded forward batch of both sides)."""
+    import torch
+
+    from selfmoa_ray.sources.models import load_model_and_tokenizer
+    from selfmoa_ray.training.data import encode_pairs
+    from selfmoa_ray.training.losses import sequence_logps
+    from selfmoa_ray.training.objective import response_token_logps
+
+    torch.set_num_threads(args.threads)
+    weights, autocast = numerics
+    policy, tok = load_model_and_tokenizer(model, dtype=weights)
+    policy.eval()
+    sums, counts = [], []
+    for at in range(0, len(pairs), args.batch_size // 2):
+        batch = encode_pairs(tok, pairs[at : at + args.batch_size // 2], max_length=args.max_length)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            token_logps = response_token_logps(policy, batch).float()
+        mask = batch["response_mask"]
+        n = len(mask) // 2
+        logps, tokens = sequence_logps(token_logps, mask).double(), mask.sum(-1).double()
+        sums += list(zip(logps[:n].tolist(), logps[n:].tolist(), strict=True))
+        counts += list(zip(tokens[:n].tolist(), tokens[n:].tolist(), strict=True))
+    return {"logps": sums, "tokens": counts}
+
+
+def logp_diff(a: dict, b: dict, differs: list[bool]) -> dict[str, float]:
+    """How far two numerics' reference log-probs are apart (see (c) above)."""
+    import numpy as np
+
+    la, lb = np.asarray(a["logps"]), np.asarray(b["logps"])  # (pairs, 2): chosen, rejected
+    tokens = np.maximum(np.asarray(a["tokens"]), 1)
+    per_token = np.abs(la - lb) / tokens
+    ratio_a, ratio_b = la[:, 0] - la[:, 1], lb[:, 0] - lb[:, 1]
+    flips = (np.sign(ratio_a) != np.sign(ratio_b))[np.asarray(differs)]
+    return {
+        "responses": int(la.size),
+        "per_token_mean_abs": float(per_token.mean()),
+        "per_token_max_abs": float(per_token.max()),
+        "sum_max_abs": float(np.abs(la - lb).max()),
+        "ratio_mean_abs": float(np.abs(ratio_a - ratio_b).mean()),
+        "ratio_sign_flips": float(flips.mean()) if flips.size else 0.0,
+        "pairs_compared": int(flips.size),
+    }
+
+
 def probe_scores(dtype: str, prompts: list[str], answers: list[str]) -> dict:
     from selfmoa_ray.evaluators.probe import ProbeEvaluator
 
@@ -136,6 +199,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--max-length", type=int, default=192, help="of a pair's side, as train.max_length"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -182,6 +248,19 @@ def main() -> None:
         "same pairs, fp32 vs bf16 MiniLM": score_diff(scores["float32"], scores["bfloat16"]),
         "end to end (policy + judge)": score_diff(head, tail),
     }
+    ref_pairs = [
+        {"prompt": chat, "chosen": a, "rejected": b}
+        for chat, a, b in zip(
+            chats, answers["float32"].texts, answers["bfloat16"].texts, strict=True
+        )
+    ]
+    differs = [a != b for a, b in zip(answers["float32"].ids, answers["bfloat16"].ids, strict=True)]
+    logps = {name: reference_logps(args.model, n, ref_pairs, args) for name, n in NUMERICS.items()}
+    results["reference"] = {
+        name: logp_diff(logps["float32"], logps[name], differs)
+        for name in NUMERICS
+        if name != "float32"
+    }
     print_tables(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -211,6 +290,13 @@ def print_tables(results: dict, args) -> None:
     for name, r in results["probe"].items():
         (u32, u16), (r32, r16) = r["unsafe_rates"], r["refusal_rates"]
         print(f"  {name}: unsafe rate {u32:.1%} -> {u16:.1%}, refusal rate {r32:.1%} -> {r16:.1%}")
+    print("(c) reference log-probs against float32 (nats; ratio = chosen minus rejected)")
+    print(f"{'numerics':<16} {'responses':>9} {'per token mean':>15} {'per token max':>14} "
+          f"{'sum max':>8} {'ratio mean':>11} {'ratio sign flips':>17}")  # fmt: skip
+    for name, r in results["reference"].items():
+        print(f"{name:<16} {r['responses']:>9} {r['per_token_mean_abs']:>15.4f} "
+              f"{r['per_token_max_abs']:>14.4f} {r['sum_max_abs']:>8.3f} "
+              f"{r['ratio_mean_abs']:>11.3f} {r['ratio_sign_flips']:>10.1%} of {r['pairs_compared']}")  # fmt: skip
     secs = ", ".join(f"{dt} {s} s" for dt, s in results["seconds"].items())
     print(f"generation time ({secs}) is no speed figure where bf16 is emulated")
 

@@ -25,9 +25,6 @@ from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.stages.sample import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["baseline", *(f"iter_01/{s}" for s in (
-    "redteam", "sample", "judge", "failures", "pairs", "reference", "train", "evaluate",
-))]  # fmt: skip
 
 
 def test_fd_output_goes_to_the_log_and_our_lines_to_the_terminal(tmp_path, capfd, monkeypatch):
@@ -195,23 +192,3 @@ def test_a_failing_run_says_why_on_the_terminal(tmp_path):
     assert "mine.jsonl, line 2: invalid JSON" in done.stderr
     assert "INFO" not in done.stdout + done.stderr  # Ray's lines stayed in the log
     assert "Started a local Ray instance" in (tmp_path / "run" / console.LOG_FILE).read_text()
-
-
-@pytest.mark.slow
-def test_a_loop_prints_one_line_per_stage_and_logs_ray(tmp_path):
-    out = tmp_path / "run"
-    done = _selfmoa("run", "--config", "tiny", "loop.iterations=1", "--output-dir", str(out),
-                    cwd=tmp_path)  # fmt: skip
-    shown = (done.stdout + done.stderr).splitlines()
-    assert done.returncode == 0, "\n".join(shown[-40:])
-    assert len(shown) <= 40, "\n".join(shown)
-    for stage in STAGES:
-        assert any(line.startswith(f"[{stage}] done in ") for line in shown), stage
-    assert not [line for line in shown if "INFO" in line or "pid=" in line]
-    log = (out / console.LOG_FILE).read_text()
-    assert "Started a local Ray instance" in log and "pid=" in log  # Ray's and workers' lines
-
-    verbose = _selfmoa("run", "--config", "tiny", "loop.iterations=1", "--output-dir", str(out),
-                       "--resume", "--verbose", cwd=tmp_path)  # fmt: skip
-    assert verbose.returncode == 0, verbose.stderr[-3000:]
-    assert "Started a local Ray instance" in verbose.stderr  # Ray's lines on the terminal

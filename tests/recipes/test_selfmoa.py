@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from selfmoa_ray import console
 from selfmoa_ray.cli import main
 from selfmoa_ray.config import LoopSection, load_config
 from selfmoa_ray.recipes.selfmoa import check_recipe, human_items, stop_reason
@@ -128,6 +129,19 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "iter_02" in done.stdout and "report:" in done.stdout
+
+    # The terminal shows one line per stage; Ray's output (its workers' too) went to the log.
+    shown = (done.stdout + done.stderr).splitlines()
+    assert len(shown) <= 40, "\n".join(shown)
+    for stage in STAGES:
+        assert any(line.startswith(f"[iter_02/{stage}] done in ") for line in shown), stage
+    assert not [line for line in shown if "INFO" in line or "pid=" in line]
+    log = (out / console.LOG_FILE).read_text()
+    assert "Started a local Ray instance" in log and "pid=" in log
+    verbose = subprocess.run([*args, "--verbose"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Started a local Ray instance" in verbose.stderr  # Ray's lines on the terminal
 
     manifest = _manifest(out)
     for name in ["baseline/evaluate"] + [f"iter_{t:02d}/{s}" for t in (1, 2) for s in STAGES]:
