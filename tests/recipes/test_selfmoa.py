@@ -138,10 +138,6 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     assert not [line for line in shown if "INFO" in line or "pid=" in line]
     log = (out / console.LOG_FILE).read_text()
     assert "Started a local Ray instance" in log and "pid=" in log
-    verbose = subprocess.run([*args, "--verbose"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=900)  # fmt: skip
-    assert verbose.returncode == 0, verbose.stderr[-3000:]
-    assert "Started a local Ray instance" in verbose.stderr  # Ray's lines on the terminal
 
     manifest = _manifest(out)
     for name in ["baseline/evaluate"] + [f"iter_{t:02d}/{s}" for t in (1, 2) for s in STAGES]:
@@ -203,3 +199,9 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     assert "iter_02" in html and "data:image/png;base64," in html
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
+
+    # --verbose (here on the finished run: a third resume) shows Ray's own lines on the terminal.
+    verbose = subprocess.run([*args, "--verbose"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Started a local Ray instance" in verbose.stderr  # Ray's lines on the terminal
