@@ -138,7 +138,7 @@ def sample(
         if guide:
             chats = chats.union(ds.map_batches(with_chat(guide), batch_format="pyarrow"))
         answers = generate(chats, model, engine, sampling)
-        expected = ds.count() * sampling.n * (2 if guide else 1)  # from the Parquet metadata
+        expected = ds.count() * sampling.n * (2 if guide else 1)  # rows held on the driver
         write_dataset(answers.map_batches(drop_chat(sampling.n), batch_format="pyarrow"), run, out,
                       total=expected, label=stage, tokens=True)  # fmt: skip
         table = pq.read_table(run.path(out), columns=["response_tokens", GUIDED])
