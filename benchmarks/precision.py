@@ -113,25 +113,27 @@ def opening_agreement(a: list[list[int]], b: list[list[int]], k: int) -> float:
     return sum(x[:k] == y[:k] for x, y in zip(a, b, strict=True)) / len(a)
 
 
-NUMERICS = {  # name: (weights dtype, bf16 autocast), as training/strategy.forward_numerics
-    "float32": ("float32", False),
-    "bf16 autocast": ("float32", True),
-    "bf16 weights": ("bfloat16", True),
+NUMERICS = {  # name: the train config whose forward numerics (weights dtype, autocast) it uses
+    "float32": {"precision": "fp32"},
+    "bf16 autocast": {"precision": "bf16"},  # DDP: float32 weights under bf16 autocast
+    "bf16 weights": {"precision": "bf16", "lora": {"enabled": True}},  # a bf16 base
 }
 
 
-def reference_logps(model: str, numerics: tuple[str, bool], pairs: list[dict], args) -> dict:
+def reference_logps(model: str, train: dict, pairs: list[dict], args) -> dict:
     """Each pair's chosen and rejected responses' summed log-probs and token counts, computed
     the reference pass's way (one padded forward batch of both sides)."""
     import torch
 
+    from selfmoa_ray.config import TrainSection
     from selfmoa_ray.sources.models import load_model_and_tokenizer
     from selfmoa_ray.training.data import encode_pairs
     from selfmoa_ray.training.losses import sequence_logps
     from selfmoa_ray.training.objective import response_token_logps
+    from selfmoa_ray.training.strategy import forward_numerics
 
     torch.set_num_threads(args.threads)
-    weights, autocast = numerics
+    weights, autocast = forward_numerics(TrainSection(**train), "cpu")
     policy, tok = load_model_and_tokenizer(model, dtype=weights)
     policy.eval()
     sums, counts = [], []
