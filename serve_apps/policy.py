@@ -459,6 +459,8 @@ class HFGenerator:
     def _kwargs(self, job: _Job) -> dict[str, Any]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        from selfmoa_ray.engines.sampler import decoding
+
         tokenizer, start = self.tokenizer, job.prompt_tokens
         # A stop sequence of L characters ends within the last L tokens (+ a margin for tokens
         # that decode to nothing), so only that tail is decoded at each step.
@@ -488,11 +490,8 @@ class HFGenerator:
             "input_ids": ids,
             "attention_mask": ids.new_ones(ids.shape),
             "max_new_tokens": job.max_tokens,
-            "do_sample": not job.greedy,
-            "temperature": None if job.greedy else job.temperature,
-            "top_p": None if job.greedy else job.top_p,
-            "top_k": None,
             "pad_token_id": self.tokenizer.pad_token_id,
+            **decoding(greedy=job.greedy, temperature=job.temperature, top_p=job.top_p),
             "stopping_criteria": StoppingCriteriaList([Stop()]),
         }
 
@@ -519,7 +518,10 @@ class HFGenerator:
         with torch.inference_mode():
             self._seed(job)
             per_prompt = 1 if job.greedy else job.n
-            out = self.model.generate(**self._kwargs(job), num_return_sequences=per_prompt)
+            kwargs = self._kwargs(job)  # its input_ids: one row, repeated for the n samples
+            kwargs["input_ids"] = kwargs["input_ids"].repeat(per_prompt, 1)
+            kwargs["attention_mask"] = kwargs["attention_mask"].repeat(per_prompt, 1)
+            out = self.model.generate(**kwargs)
         new = out[:, job.prompt_tokens :].cpu()
         return [self._sample(new[j % per_prompt].tolist(), job) for j in range(job.n)]
 

@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from selfmoa_ray.engines.base import SamplingParams, chat_of, explode, rows_of
+from selfmoa_ray.engines.sampler import decoding
 from selfmoa_ray.sources.models import load_model_and_tokenizer
 
 # Cache layers that hold only keys and values, so repeating them along the batch copies everything.
@@ -112,32 +113,23 @@ class HFChatEngine:
         if shared_prefill is None:
             shared_prefill = p.n > 1 and not p.greedy
         cache = self._shared_prefill(enc, p.n) if shared_prefill else None
-        if cache is not None:
-            per_prompt = p.n
-            generated = self.model.generate(
-                input_ids=enc["input_ids"].repeat_interleave(p.n, dim=0),
-                attention_mask=enc["attention_mask"].repeat_interleave(p.n, dim=0),
-                past_key_values=cache,
-                **self._decoding(),
-            )
-        else:
-            # Greedy samples are all identical: decode once, then repeat the result n times.
-            per_prompt = 1 if p.greedy else p.n
-            generated = self.model.generate(
-                **enc, num_return_sequences=per_prompt, **self._decoding()
-            )
+        # Greedy samples are all identical: decode once, then repeat the result n times.
+        per_prompt = p.n if cache is not None or not p.greedy else 1
+        generated = self.model.generate(
+            input_ids=enc["input_ids"].repeat_interleave(per_prompt, dim=0),
+            attention_mask=enc["attention_mask"].repeat_interleave(per_prompt, dim=0),
+            past_key_values=cache,
+            **self._decoding(),
+        )
         return generated[:, enc["input_ids"].shape[1] :].cpu(), per_prompt
 
     def _decoding(self) -> dict[str, Any]:
-        """``generate`` keywords for the configured sampling (shared by both paths)."""
+        """``generate`` keywords for the configured sampling."""
         p = self.sampling
         return {
             "max_new_tokens": p.max_new_tokens,
-            "do_sample": not p.greedy,
-            "temperature": p.temperature if not p.greedy else None,
-            "top_p": p.top_p if not p.greedy else None,
-            "top_k": None,
             "pad_token_id": self.tokenizer.pad_token_id,
+            **decoding(greedy=p.greedy, temperature=p.temperature, top_p=p.top_p),
         }
 
     def _shared_prefill(self, enc: Any, n: int) -> DynamicCache | None:
