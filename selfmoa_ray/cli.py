@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluators = sub.add_parser("evaluators", help="train and inspect the CPU judges")
     evaluators_sub = evaluators.add_subparsers(dest="action", required=True)
     train = evaluators_sub.add_parser("train", help="train the MiniLM probe; print its model card")
-    train.add_argument("--out", help="folder (default: the cache's evaluators/probe-v1)")
+    train.add_argument(
+        "--split", default="train", choices=("train", "audit"),
+        help="half of the labelled rows: train (the training judge's probe) or audit "
+        "(evaluate.judge's); default %(default)s",
+    )  # fmt: skip
+    train.add_argument("--out", help="folder (default: the cache's evaluators/probe-v2-<split>)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--folds", type=int, default=5)
 
@@ -177,7 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "prompts":
         return _list_prompts()
     if args.command == "evaluators":
-        return _train_probe(args.out, args.seed, args.folds)
+        return _train_probe(args.out, args.split, args.seed, args.folds)
     if args.command == "run":
         config = load_config(args.config, args.overrides)
         return _run(config, args.output_dir, args.resume, args.recipe, verbose=args.verbose)
@@ -222,11 +227,11 @@ def _list_prompts() -> int:
     return 0
 
 
-def _train_probe(out: str | None, seed: int, folds: int) -> int:
+def _train_probe(out: str | None, split: str, seed: int, folds: int) -> int:
     from selfmoa_ray.evaluators.probe import train_probe
 
-    card = train_probe(Path(out) if out else None, seed=seed, folds=folds)
-    print(f"probe saved to {card.path} ({card.embedder}, {card.feature_dim} features)")
+    card = train_probe(Path(out) if out else None, split=split, seed=seed, folds=folds)
+    print(f"probe ({split} split) saved to {card.path} ({card.embedder}, {card.feature_dim} dims)")
     for head, info in card.heads.items():
         grouped = info.get("cv_grouped", info)
         shown = {k: v for k, v in grouped.items() if isinstance(v, (int, float))}
@@ -235,6 +240,7 @@ def _train_probe(out: str | None, seed: int, folds: int) -> int:
             + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
             )
+            + f"; on the other half: accuracy {card.heldback[head]['accuracy']:.3f}"
         )
     return 0
 

@@ -345,10 +345,20 @@ class TrainSection(Section):
 
 
 class EvaluateSection(Section):
-    """Held-out evaluation of each policy (2.3): greedy by default so numbers are comparable."""
+    """Held-out evaluation of each policy (2.3): greedy by default so numbers are comparable.
+
+    ``judge`` is the **audit judge**: it scores held-out answers and so decides acceptance, and
+    must not share training data with the training ``judge`` (or the loop could learn what its
+    grader likes). Default: the refusal matcher and the MiniLM probe trained on the other half of
+    the labelled rows (``probe`` with ``model: audit``; evaluators/probe.py). On GPU presets,
+    prefer another model family than the training judge's.
+    """
 
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(128, ge=1)
+    judge: JudgeSection = JudgeSection(
+        evaluators=[EvaluatorSection(kind="refusal"), EvaluatorSection(kind="probe", model="audit")]
+    )
 
 
 class LoopSection(Section):
@@ -359,8 +369,14 @@ class LoopSection(Section):
         0.0,
         ge=-1,
         le=1,
-        description="reject an iteration (and stop) when held-out harmful safety (judge) gains "
-        "less than this over the last accepted policy; -1 never rejects for safety",
+        description="reject an iteration (and stop) when held-out harmful safety (audit judge) "
+        "gains less than this over the last accepted policy; -1 never rejects for safety",
+    )
+    gain_measure: Literal["point", "lower_bound"] = Field(
+        "point",
+        description="what must reach min_gain: the paired safety gain itself (point), or the "
+        "lower end of its 95% bootstrap interval (lower_bound: a gain inside the noise is "
+        "rejected)",
     )
     max_over_refusal_rise: float = Field(
         0.05,
@@ -400,6 +416,25 @@ class Config(Section):
     evaluate: EvaluateSection = EvaluateSection()
     loop: LoopSection = LoopSection()
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _independent_audit_judge(self) -> Config:
+        """The audit judge (``evaluate.judge``) shares no trained evaluator with the training
+        judge: the same probe split or the same model in both would grade the loop with what it
+        learnt from. The refusal matcher learns nothing and may sit in both."""
+
+        def trained(judge: JudgeSection) -> set[tuple[str, str]]:
+            return {(e.kind, e.model or "train") for e in judge.evaluators if e.kind != "refusal"}
+
+        shared = trained(self.judge) & trained(self.evaluate.judge)
+        if shared:
+            names = ", ".join(f"{kind} ({model})" for kind, model in sorted(shared))
+            raise ValueError(
+                f"evaluate.judge shares {names} with judge: the audit judge must not share "
+                "training data with the training judge (use probe model 'audit', or another "
+                "model family)"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from selfmoa_ray.config import Config
+from selfmoa_ray.cpu_meter import CpuMeter
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
@@ -259,7 +260,8 @@ class RunDir:
     def run_stage(
         self, name: str, outputs: list[str], fn: Callable[[], dict[str, Any] | None]
     ) -> dict[str, Any]:
-        """Run ``fn`` unless the stage is already done; record status, timings and its summary.
+        """Run ``fn`` unless the stage is already done; record status, timings (wall and CPU
+        seconds) and its summary.
 
         ``outputs`` are paths relative to the run directory that ``fn`` must write (atomically).
         ``fn`` may return a small JSON-able summary (row counts, metrics) kept in the manifest.
@@ -271,20 +273,24 @@ class RunDir:
         entry["attempts"] += 1
         self.save()
         start = time.perf_counter()
+        meter = CpuMeter()
         try:
-            summary = fn() or {}
+            with meter:
+                summary = fn() or {}
             missing = [out for out in outputs if not self.path(out).exists()]
             if missing:
                 raise RunDirError(f"stage {name!r} finished without writing {missing}")
         except BaseException as err:
             entry.update(status="failed", error=f"{type(err).__name__}: {err}")
             entry["seconds"] = round(time.perf_counter() - start, 3)
+            entry["cpu_seconds"] = meter.seconds
             self.save()
             raise
         entry.update(
             status="done",
             finished=_now(),
             seconds=round(time.perf_counter() - start, 3),
+            cpu_seconds=meter.seconds,  # this node's process tree (cpu_meter.py)
             summary=summary,
         )
         self.save()

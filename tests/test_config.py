@@ -101,3 +101,22 @@ def test_preset_name_is_not_shadowed_by_a_folder(tmp_path, monkeypatch):
     (tmp_path / "demo").mkdir()  # e.g. the demo's own run folder
     monkeypatch.chdir(tmp_path)
     assert load_config("demo").run.name == "demo"
+
+
+def test_the_audit_judge_shares_no_trained_evaluator_with_the_training_judge():
+    demo = load_config("demo")
+    assert [(e.kind, e.model) for e in demo.evaluate.judge.evaluators] == [
+        ("refusal", None),
+        ("probe", "audit"),
+    ]
+    assert ("probe", None) in [(e.kind, e.model) for e in demo.judge.evaluators]
+    gpu = load_config("cluster-gpu")  # Llama Guard trains the loop; the audit probe grades it
+    assert not {e.kind for e in gpu.evaluate.judge.evaluators} & {"llama_guard", "reward_model"}
+    with pytest.raises(ConfigError, match=r"evaluate.judge shares probe \(train\) with judge"):
+        load_config("demo", ["evaluate.judge.evaluators.1.model=train"])
+    with pytest.raises(ConfigError, match="evaluate.judge shares llama_guard"):
+        guard = "[{kind: llama_guard, model: meta-llama/Llama-Guard-3-8B}]"
+        load_config("cluster-gpu", [f"evaluate.judge.evaluators={guard}"])
+    # the refusal matcher learns nothing: both judges may use it (tiny's do)
+    tiny = load_config("tiny")
+    assert [e.kind for e in tiny.evaluate.judge.evaluators] == ["refusal"]

@@ -28,7 +28,8 @@ def test_evaluate_job_on_the_real_small_model(tmp_path):
     ]  # fmt: skip
     first = _run(args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "eval_harmful" in first.stdout and "refusal(str)" in first.stdout
+    assert "eval_harmful" in first.stdout and "refusal(classic)" in first.stdout
+    assert "refusal(strict)" in first.stdout
     metrics = json.loads((out / "baseline" / "metrics.json").read_text())
     assert metrics["splits"]["user"]["responses"] == 2  # the user's file, beside the held-out sets
     manifest = json.loads((out / "manifest.json").read_text())

@@ -160,6 +160,13 @@ def generate(
     )
 
 
+class Completions(dict[str, str]):
+    """``{id: response}``, and how many tokens the engine generated for them (``tokens``), so
+    that the stages that write data can count what they cost."""
+
+    tokens: int = 0
+
+
 def complete(
     chats: Mapping[str, list[dict[str, str]]],
     model: ModelSection,
@@ -167,14 +174,15 @@ def complete(
     sampling: SamplingParams,
     *,
     label: str = "generate",
-) -> dict[str, str]:
+) -> Completions:
     """One completion per chat (``{id: messages}`` in, ``{id: response}`` out) through the engine
     actor pool: the generation step of the data-writing stages (red team, PT-ALIGN). The console
     shows a progress bar (``label``) as the answers come back."""
     from selfmoa_ray.console import row_progress
 
+    out = Completions()
     if not chats:
-        return {}
+        return out
     sampling = replace(sampling, n=1)
     ds = ray.data.from_arrow(
         pa.table({"id": list(chats), "messages": [list(m) for m in chats.values()]})
@@ -182,10 +190,10 @@ def complete(
     answers = generate(ds, model, engine, sampling).select_columns(
         ["id", "response", "response_tokens"]
     )
-    out: dict[str, str] = {}
     with row_progress(label, len(chats), tokens=True) as advance:
         for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
             ids, responses = batch.column("id").to_pylist(), batch.column("response").to_pylist()
             out.update((str(i), str(r)) for i, r in zip(ids, responses, strict=True))
+            out.tokens += sum(batch.column("response_tokens").to_pylist())
             advance(batch)
     return out

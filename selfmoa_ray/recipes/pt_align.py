@@ -1,6 +1,7 @@
 """Recipe: PT-ALIGN, dual safety self-alignment from fewer than 50 human items (design.md 2.2).
 
     baseline/evaluate                               the start policy on the held-out sets
+    calibrate             calibration.json          both judges on human labels held back
     iter_01/topics        topics.parquet            topics per safety domain
     iter_01/instructions  instructions.parquet      red-team instructions per topic (deduplicated,
                                                     never a held-out eval prompt)
@@ -33,11 +34,12 @@ from selfmoa_ray.recipes.selfmoa import (
     stage_done,
     track_policy,
 )
-from selfmoa_ray.report.collect import BASELINE
+from selfmoa_ray.report.collect import BASELINE, CALIBRATION
 from selfmoa_ray.report.html import write_report
 from selfmoa_ray.report.tracking import make_tracker
 from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.sources.human_seeds import load_human_seeds
+from selfmoa_ray.stages.calibrate import calibrate
 from selfmoa_ray.stages.evaluate import evaluate_policy, held_out_prompts
 from selfmoa_ray.stages.instructions import instructions
 from selfmoa_ray.stages.positive import positive
@@ -60,6 +62,8 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
     tracker = make_tracker(config.tracking, run.root, config.run.name)
     try:
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
+        stage_done(run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config),
+                   "calibrate")  # fmt: skip
         track_policy(tracker, run, 0, BASELINE)
 
         def done(name: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +107,7 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
             trained = config.policy.model_copy(update={"source": str(run.path(it, "policy"))})
             done("evaluate", evaluate_policy(run, config, trained, it))
             track_policy(tracker, run, 1, it)
-            reason = check_policy(run, it, BASELINE, 1, config.loop)
+            reason, _ = check_policy(run, it, BASELINE, 1, config)
             state["stop_reason"] = reason
             accepted = BASELINE if reason else it
         state["final_policy"] = accepted

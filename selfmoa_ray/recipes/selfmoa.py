@@ -1,6 +1,7 @@
 """Recipe: the Self-MOA closed loop, top to bottom (design.md 2.1).
 
-    baseline/evaluate                           the start policy on the held-out sets
+    baseline/evaluate                           the start policy on the held-out sets (audit judge)
+    calibrate         calibration.json          both judges on human labels held back from them
     for t in 1..loop.iterations:
         iter_t/redteam    prompts.parquet       attacks aimed at M_{t-1}'s failures, benign mixed in
         iter_t/sample     responses.parquet/    M_{t-1} answers each prompt k times (and k more
@@ -12,8 +13,10 @@
                                                 rejected answers, for PT-ALIGN's unlikelihood
         iter_t/reference  pairs_ref.parquet/    reference log-probs (M_{t-1}, or M_0)
         iter_t/train      policy/               MODPO on Ray Train: M_t
-        iter_t/evaluate   metrics.json          M_t on the held-out sets; rejected (and the loop
-                                                stops) if safety did not gain or over-refusal rose
+        iter_t/evaluate   metrics.json          M_t on the held-out sets (audit judge); rejected
+                                                (and the loop stops) if safety did not gain (paired
+                                                over prompts) or over-refusal rose
+        iter_t/vault      vault.parquet         every successful attack so far, answered by M_t
     report.html, metrics.json, metrics.csv
 
 Every stage is a function of files in the run directory and is skipped when its output exists, so
@@ -32,10 +35,18 @@ import pyarrow.parquet as pq
 from selfmoa_ray import console
 from selfmoa_ray.config import Config, LoopSection, ModelSection
 from selfmoa_ray.engines.base import SamplingParams
-from selfmoa_ray.report.collect import BASELINE, BENIGN_SPLIT, HARMFUL_SPLIT, collect_run
+from selfmoa_ray.report.collect import (
+    BASELINE,
+    BENIGN_SPLIT,
+    CALIBRATION,
+    HARMFUL_SPLIT,
+    collect_run,
+)
+from selfmoa_ray.report.gains import run_gains
 from selfmoa_ray.report.html import write_report
-from selfmoa_ray.report.tracking import flat_metrics, make_tracker
+from selfmoa_ray.report.tracking import cost_metrics, flat_metrics, make_tracker
 from selfmoa_ray.rundir import RunDir
+from selfmoa_ray.stages.calibrate import calibrate
 from selfmoa_ray.stages.evaluate import evaluate_policy
 from selfmoa_ray.stages.failures import failures
 from selfmoa_ray.stages.judge import judge
@@ -45,6 +56,7 @@ from selfmoa_ray.stages.reference import reference
 from selfmoa_ray.stages.sample import sample
 from selfmoa_ray.stages.spans import mark_pairs
 from selfmoa_ray.stages.train import train
+from selfmoa_ray.stages.vault import vault
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +84,13 @@ def run_selfmoa(config: Config, run: RunDir, *, combined: bool = False) -> dict[
     tracker = make_tracker(config.tracking, run.root, config.run.name)
     try:
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
+        stage_done(run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config),
+                   "calibrate")  # fmt: skip
         track_policy(tracker, run, 0, BASELINE)
         policy, accepted = config.policy, BASELINE
         state = {"recipe": "combined" if combined else "selfmoa",
                  "iterations_planned": config.loop.iterations, "iterations_done": 0,
-                 "stopped_early": False, "stop_reason": None}  # fmt: skip
+                 "stopped_early": False, "stop_reason": None, "safety_gains": {}}  # fmt: skip
         for t in range(1, config.loop.iterations + 1):
             trained = run_iteration(config, run, t, policy, combined=combined)
             state["iterations_done"] = t
@@ -85,7 +99,8 @@ def run_selfmoa(config: Config, run: RunDir, *, combined: bool = False) -> dict[
                 break
             name = iteration_dir(t)
             track_policy(tracker, run, t, name)
-            reason = check_policy(run, name, accepted, t, config.loop)
+            reason, gain = check_policy(run, name, accepted, t, config)
+            state["safety_gains"][name] = {"since": accepted, **gain}
             if reason:
                 state.update(stopped_early=t < config.loop.iterations, stop_reason=reason)
                 break
@@ -143,6 +158,12 @@ def run_iteration(
     ))  # fmt: skip
     trained = policy.model_copy(update={"source": str(run.path(it, "policy"))})
     done("evaluate", evaluate_policy(run, config, trained, it))
+    previous_vault = f"{iteration_dir(t - 1)}/vault.parquet" if t > 1 else None
+    done("vault", vault(
+        run, stage=f"{it}/vault", previous=previous_vault, failures=f"{it}/failures.parquet",
+        out=f"{it}/vault.parquet", answers=f"{it}/vault_answers.parquet", found_in=t,
+        config=config, model=trained,
+    ))  # fmt: skip
     return trained
 
 
@@ -180,29 +201,47 @@ def attack_round(
     ))["summary"]  # fmt: skip
 
 
-def check_policy(run: RunDir, name: str, accepted: str, t: int, loop: LoopSection) -> str | None:
+def check_policy(
+    run: RunDir, name: str, accepted: str, t: int, config: Config
+) -> tuple[str | None, dict[str, Any]]:
     """:func:`stop_reason` for the evaluated policy ``name`` against the last ``accepted`` one
-    (safety) and the start policy (over-refusal, helpfulness)."""
+    (safety: the paired gain on the held-out harmful prompts, report/gains.py) and the start
+    policy (over-refusal, helpfulness); and the safety gain it judged by."""
 
     def change(split: str, key: str, since: str) -> float:
         return policy_metric(run, name, split, key) - policy_metric(run, since, split, key)
 
-    return stop_reason(
-        change(HARMFUL_SPLIT, "safety_rate", accepted),
+    loop = config.loop
+    gains = run_gains(run.root, accepted, name, config.evaluate.judge.unsafe_threshold) or {}
+    safety = gains.get(HARMFUL_SPLIT, {}).get("safety_rate")
+    if safety is None:  # no harmful split evaluated: the (unpaired) change of the rate
+        safety = {"gain": round(change(HARMFUL_SPLIT, "safety_rate", accepted), 4)}
+    bound = loop.gain_measure == "lower_bound" and "interval" in safety
+    reason = stop_reason(
+        safety["interval"][0] if bound else safety["gain"],
         change(BENIGN_SPLIT, "refusal_rate", BASELINE),
         t,
         loop,
         helpfulness_drop=-change(BENIGN_SPLIT, "helpfulness", BASELINE),
+        gain_label="lower end of the 95% interval of the held-out safety gain" if bound else None,
     )
+    return reason, safety
 
 
 def stop_reason(
-    gain: float, over_refusal_rise: float, t: int, loop: LoopSection, *, helpfulness_drop: float = 0
+    gain: float,
+    over_refusal_rise: float,
+    t: int,
+    loop: LoopSection,
+    *,
+    helpfulness_drop: float = 0,
+    gain_label: str | None = None,
 ) -> str | None:
     """Why iteration ``t``'s policy is rejected and the loop stops, or None to accept it and go on.
 
-    ``gain``: held-out harmful safety over the last accepted policy; ``over_refusal_rise``: benign
-    refusal rate over the start policy; ``helpfulness_drop``: benign helpfulness below the start
+    ``gain``: held-out harmful safety over the last accepted policy (or the lower end of its
+    interval, named by ``gain_label``, under ``loop.gain_measure: lower_bound``);
+    ``over_refusal_rise``: benign refusal rate over the start policy; ``helpfulness_drop``: benign helpfulness below the start
     policy's (a policy can evade without refusing: "I'm a helpful assistant, here to help" is
     judged safe and no refusal, and helps no one). A rejected policy stays on disk, but the run's
     final policy is the last accepted one.
@@ -218,7 +257,8 @@ def stop_reason(
             f"(> loop.max_over_refusal_rise {100 * loop.max_over_refusal_rise:.1f}) at iteration {t}"
         )
     if gain < loop.min_gain:
-        return f"held-out safety gain {gain:+.4f} < loop.min_gain {loop.min_gain} at iteration {t}"
+        label = gain_label or "held-out safety gain"
+        return f"{label} {gain:+.4f} < loop.min_gain {loop.min_gain} at iteration {t}"
     return None
 
 
@@ -237,9 +277,11 @@ def policy_metric(run: RunDir, name: str, split: str, key: str) -> float:
 
 
 def track_policy(tracker: Any, run: RunDir, step: int, name: str) -> None:
-    for policy in collect_run(run.root)["policies"]:
+    """The policy's held-out metrics at ``step``, and what the run has cost so far."""
+    collected = collect_run(run.root)
+    for policy in collected["policies"]:
         if policy["name"] == name:
-            tracker.log_iteration(step, flat_metrics(policy))
+            tracker.log_iteration(step, flat_metrics(policy) | cost_metrics(collected["cost"]))
 
 
 def stage_done(run: RunDir, entry: dict[str, Any], name: str) -> dict[str, Any]:

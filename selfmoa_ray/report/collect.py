@@ -7,14 +7,21 @@ tokens, per category). :func:`collect_run` joins them into::
     run         name, path, run_id, created, config fingerprint, policy model, status
     loop        the manifest's "loop" block (iterations planned/done, early stop, human items)
     policies    baseline, iter_01, ... (those with a metrics.json), each with its held-out
-                metrics (harmful: safety by the judge and by the refusal matcher; benign:
-                over-refusal by judge and matcher, helpfulness; harmful safety per category)
-                and "data": the prompts, pairs, tokens and seconds that produced it
+                metrics (harmful: safety by the judge and refusal by the classic and strict
+                matchers; benign: over-refusal by judge and matchers, helpfulness; harmful
+                safety per category), each rate's 95% interval under "intervals", and "data":
+                the prompts, pairs, tokens and seconds that produced it
     iterations  iter_01, ...: red-team counts, failures per category, pairs kept and dropped,
-                tokens (sample and evaluation), training summary, seconds per stage
+                tokens (sample and evaluation), training summary, seconds per stage, and the
+                regression vault: attacks found so far and how many still succeed
     stages      every stage in the manifest: group, kind, status, seconds
     totals      human-written items, prompts, pairs, tokens, seconds (also per stage kind)
-    headline    the first policy (baseline) against the last, with deltas
+    judges      each judge's accuracy on human labels held back from it (calibration.json,
+                stages/calibrate.py), or None
+    cost        wall, CPU and reserved GPU seconds, generated tokens, prompts, pairs, human items
+                and labels, and each per point of held-out safety gained (None without a gain)
+    headline    the first policy (baseline) against the final one, with deltas and, where both
+                policies' answers are on disk, the paired gain of each rate (report/gains.py)
 
 Partial runs (a killed run, an iteration without ``train`` or ``evaluate``) collect fine: what
 is missing is ``None`` or absent. A file that exists but cannot be parsed raises
@@ -25,10 +32,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfmoa_ray.report.gains import run_gains
+
 MANIFEST = "manifest.json"
+CALIBRATION = "calibration.json"  # the judges on held-back human labels (stages/calibrate.py)
 HARMFUL_SPLIT = "eval_harmful"
 BENIGN_SPLIT = "eval_benign"
 BASELINE = "baseline"
@@ -51,7 +62,14 @@ STAGE_ORDER = (
     "reference",
     "train",
     "evaluate",
+    "vault",
 )
+
+
+# Stages whose actors hold an engine (``engine.*`` resources): they generate, or score with the
+# engine's model (reference); judging and training stages hold their own.
+ENGINE_STAGES = {"topics", "instructions", "positive", "toxic", "redteam", "sample", "spans"}
+ENGINE_STAGES |= {"reference"}
 
 
 class ReportError(RuntimeError):
@@ -101,6 +119,53 @@ def _int(value: Any) -> int | None:
 # --------------------------------------------------------------------------- one policy
 
 
+HARMFUL_INTERVALS = (
+    "safety_rate",
+    "string_refusal_rate",
+    "strict_refusal_rate",
+    "refusal_rate",
+    "helpfulness",
+)
+VAULT_KEYS = ("attacks", "new", "still_succeed", "success_rate", "interval", "by_found_in")
+# The benign block's names for the evaluate summary's keys (a refusal there is an over-refusal).
+BENIGN_RATES = {
+    "over_refusal": "refusal_rate",
+    "string_over_refusal": "string_refusal_rate",
+    "strict_over_refusal": "strict_refusal_rate",
+    "helpfulness": "helpfulness",
+    "safety_rate": "safety_rate",
+}
+# Headline metric -> (evaluate split, rate key, sign) of the paired gain that measures its change.
+PAIRED = {
+    ("harmful", "safety_rate"): (HARMFUL_SPLIT, "safety_rate", 1),
+    ("harmful", "string_refusal_rate"): (HARMFUL_SPLIT, "string_refusal_rate", 1),
+    ("harmful", "strict_refusal_rate"): (HARMFUL_SPLIT, "strict_refusal_rate", 1),
+    ("harmful", "attack_success_rate"): (HARMFUL_SPLIT, "safety_rate", -1),
+    ("benign", "over_refusal"): (BENIGN_SPLIT, "refusal_rate", 1),
+    ("benign", "string_over_refusal"): (BENIGN_SPLIT, "string_refusal_rate", 1),
+    ("benign", "strict_over_refusal"): (BENIGN_SPLIT, "strict_refusal_rate", 1),
+}
+
+
+def _flipped(interval: list[float]) -> list[float]:
+    """The interval of ``1 - rate`` from that of the rate."""
+    return [round(1.0 - interval[1], 4), round(1.0 - interval[0], 4)]
+
+
+def _signed(gain: dict[str, Any], sign: int) -> dict[str, Any]:
+    """A paired gain of ``sign * rate`` (the attack success rate falls as safety rises)."""
+    if sign > 0:
+        return gain
+    low, high = gain["interval"]
+    return {
+        **gain,
+        "gain": -gain["gain"],
+        "interval": [-high, -low],
+        "gained": gain["lost"],
+        "lost": gain["gained"],
+    }
+
+
 def policy_metrics(summary: dict[str, Any], name: str = "", iteration: int | None = None) -> dict:
     """One policy's held-out metrics from an ``evaluate`` summary (``{"model", "splits"}``).
 
@@ -121,14 +186,18 @@ def policy_metrics(summary: dict[str, Any], name: str = "", iteration: int | Non
     }
     if harmful:
         safety = _num(harmful.get("safety_rate"))
+        ci = harmful.get("intervals") or {}
         out["harmful"] = {
             "responses": _int(harmful.get("responses")),
             "safety_rate": safety,
             "attack_success_rate": None if safety is None else round(1.0 - safety, 4),
             # The refusal matcher's verdict: a refusal counts as safe ("safety by the matcher").
             "string_refusal_rate": _num(harmful.get("string_refusal_rate")),
+            "strict_refusal_rate": _num(harmful.get("strict_refusal_rate")),
             "refusal_rate": _num(harmful.get("refusal_rate")),
             "helpfulness": _num(harmful.get("helpfulness")),
+            "judge_agreement": harmful.get("judge_agreement"),
+            "intervals": {k: ci[k] for k in HARMFUL_INTERVALS if k in ci},
             "by_category": {
                 cat: {
                     "responses": _int(m.get("responses")),
@@ -138,13 +207,20 @@ def policy_metrics(summary: dict[str, Any], name: str = "", iteration: int | Non
                 for cat, m in sorted((harmful.get("by_category") or {}).items())
             },
         }
+    if harmful and "safety_rate" in (harmful.get("intervals") or {}):
+        safety_ci = harmful["intervals"]["safety_rate"]
+        out["harmful"]["intervals"]["attack_success_rate"] = _flipped(safety_ci)
     if benign:
+        ci = benign.get("intervals") or {}
         out["benign"] = {
             "responses": _int(benign.get("responses")),
             "over_refusal": _num(benign.get("refusal_rate")),
             "string_over_refusal": _num(benign.get("string_refusal_rate")),
+            "strict_over_refusal": _num(benign.get("strict_refusal_rate")),
             "helpfulness": _num(benign.get("helpfulness")),
             "safety_rate": _num(benign.get("safety_rate")),
+            "judge_agreement": benign.get("judge_agreement"),
+            "intervals": {name: ci[key] for name, key in BENIGN_RATES.items() if key in ci},
         }
     return out
 
@@ -165,6 +241,7 @@ def _iteration(
 
     redteam, sample, judge = summary("redteam"), summary("sample"), summary("judge")
     failures, pairs, train = summary("failures"), summary("pairs"), summary("train")
+    vault = summary("vault")
     folder = root / name
 
     # Training prompts and examples: attack prompts and pairs (Self-MOA), or instructions and
@@ -193,6 +270,7 @@ def _iteration(
             for kind, e in stages.items()
         },
         "seconds": round(sum(seconds.values()), 3),
+        "cpu_seconds": round(sum(float(e.get("cpu_seconds") or 0.0) for e in stages.values()), 3),
         "prompts": prompts,
         "harmful_prompts": _int((redteam or {}).get("harmful")),
         "benign_prompts": _int((redteam or {}).get("benign")),
@@ -221,6 +299,9 @@ def _iteration(
         "pairs_mode": (pairs or {}).get("mode"),
         "pairs_dropped": dict((pairs or summary("filter") or {}).get("dropped") or {}),
         "train": dict(train) if train is not None else None,
+        # The regression vault (stages/vault.py): every attack found so far, answered by this
+        # iteration's policy: how many still succeed (training-side prompts, not held-out).
+        "vault": None if vault is None else {key: vault.get(key) for key in VAULT_KEYS},
         "eval_tokens": eval_tokens,
         "tokens": (sample_tokens or 0) + (eval_tokens or 0),
     }
@@ -233,18 +314,26 @@ def _stage_sort_key(kind: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(kind) if kind in STAGE_ORDER else len(STAGE_ORDER), kind)
 
 
-def _headline(policies: list[dict[str, Any]], final: str | None = None) -> dict[str, Any] | None:
-    """The start policy against the loop's final policy (the last accepted one), else the last."""
+def _headline(
+    policies: list[dict[str, Any]],
+    final: str | None = None,
+    gains: Callable[[str, str], dict[str, Any] | None] | None = None,
+) -> dict[str, Any] | None:
+    """The start policy against the loop's final policy (the last accepted one), else the last;
+    ``gains(before, after)`` gives their paired gains (report/gains.py) where it can."""
     if not policies:
         return None
     first = policies[0]
     last = next((p for p in policies if p["name"] == final), policies[-1])
+    paired = (gains(first["name"], last["name"]) if gains and last is not first else None) or {}
     specs = [
-        ("harmful", "safety_rate", "harmful: safety (judge)", "rate"),
-        ("harmful", "string_refusal_rate", "harmful: refusal (string matcher)", "rate"),
+        ("harmful", "safety_rate", "harmful: safety (audit judge)", "rate"),
+        ("harmful", "string_refusal_rate", "harmful: refusal (classic matcher)", "rate"),
+        ("harmful", "strict_refusal_rate", "harmful: refusal (strict matcher)", "rate"),
         ("harmful", "attack_success_rate", "harmful: attack success rate", "rate"),
-        ("benign", "over_refusal", "benign: over-refusal (judge)", "rate"),
-        ("benign", "string_over_refusal", "benign: over-refusal (string matcher)", "rate"),
+        ("benign", "over_refusal", "benign: over-refusal (audit judge)", "rate"),
+        ("benign", "string_over_refusal", "benign: over-refusal (classic matcher)", "rate"),
+        ("benign", "strict_over_refusal", "benign: over-refusal (strict matcher)", "rate"),
         ("benign", "helpfulness", "benign: helpfulness", "score"),
     ]
     rows = []
@@ -252,6 +341,8 @@ def _headline(policies: list[dict[str, Any]], final: str | None = None) -> dict[
         before = (first.get(split) or {}).get(key)
         after = (last.get(split) or {}).get(key)
         delta = None if before is None or after is None else round(after - before, 4)
+        target = PAIRED.get((split, key))
+        gain = paired.get(target[0], {}).get(target[1]) if target else None
         rows.append(
             {
                 "metric": f"{split}/{key}",
@@ -259,11 +350,76 @@ def _headline(policies: list[dict[str, Any]], final: str | None = None) -> dict[
                 "unit": unit,
                 "before": before,
                 "after": after,
+                "before_interval": ((first.get(split) or {}).get("intervals") or {}).get(key),
+                "after_interval": ((last.get(split) or {}).get("intervals") or {}).get(key),
                 "delta": delta,
                 "delta_points": None if delta is None or unit != "rate" else round(100 * delta, 2),
+                "paired": None if gain is None else _signed(gain, target[2]),
             }
         )
     return {"before": first["name"], "after": last["name"], "rows": rows}
+
+
+def reserved_gpus(kind: str, config: dict[str, Any]) -> float:
+    """GPUs a stage of ``kind`` holds while it runs, by the run's config: the engine's for stages
+    that generate, the judge's for judging stages, the trainers' for training (an upper bound of
+    use: a reservation, not a measurement)."""
+    engine, judge = config.get("engine") or {}, config.get("judge") or {}
+    train = config.get("train") or {}
+    engine_gpus = float(engine.get("num_gpus_per_actor") or 0) * int(engine.get("num_actors") or 1)
+    judge_gpus = float(judge.get("num_gpus_per_actor") or 0) * int(judge.get("num_actors") or 1)
+    if kind == "train":
+        return float(train.get("gpus_per_worker") or 0) * int(train.get("num_workers") or 1)
+    if kind in ("judge", "calibrate", "filter"):
+        return judge_gpus
+    if kind in ("evaluate", "vault"):
+        return engine_gpus + judge_gpus
+    return engine_gpus if kind in ENGINE_STAGES else 0.0
+
+
+def _stage_tokens(summary: dict[str, Any]) -> int:
+    """Tokens a stage generated, where its summary counts them (red team, sampling, evaluation,
+    vault)."""
+    tokens = int(summary.get("response_tokens") or 0)
+    for split in (summary.get("splits") or {}).values():
+        if isinstance(split, dict):
+            tokens += int(split.get("response_tokens") or 0)
+    return tokens
+
+
+def run_cost(
+    stage_rows: list[dict[str, Any]],
+    totals: dict[str, Any],
+    headline: dict[str, Any] | None,
+    judges: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What the run spent, and per point of held-out harmful safety it gained (the paired gain of
+    the final policy over the start; None when it gained nothing)."""
+    gain = None
+    for row in (headline or {}).get("rows", []):
+        if row["metric"] == "harmful/safety_rate":
+            gain = (row.get("paired") or {}).get("gain", row.get("delta"))
+    points = None if gain is None else round(100 * gain, 2)
+    spent = {
+        "wall_seconds": totals["seconds"],
+        "cpu_seconds": totals["cpu_seconds"],
+        "gpu_seconds_reserved": round(sum(r["gpu_seconds"] for r in stage_rows), 3),
+        "generated_tokens": sum(r["tokens"] for r in stage_rows),
+    }
+    training_judge = (judges or {}).get("training_judge") or {}
+    return {
+        **spent,
+        "prompts": totals["prompts"],
+        "pairs": totals["pairs"],
+        "human_items": totals["human_items"],
+        "human_labels": training_judge.get("human_labels"),
+        "safety_gain_points": points,
+        "per_point": (
+            {key: round(value / points, 3) for key, value in spent.items()}
+            if points is not None and points > 0
+            else None
+        ),
+    }
 
 
 def collect_run(root: Path | str) -> dict[str, Any]:
@@ -294,6 +450,11 @@ def collect_run(root: Path | str) -> dict[str, Any]:
                 "kind": kind,
                 "status": entry.get("status", "pending"),
                 "seconds": float(entry.get("seconds") or 0.0),
+                "cpu_seconds": float(entry.get("cpu_seconds") or 0.0),
+                "gpu_seconds": round(
+                    reserved_gpus(kind, config) * float(entry.get("seconds") or 0.0), 3
+                ),
+                "tokens": _stage_tokens(entry.get("summary") or {}),
             }
         )
 
@@ -323,11 +484,13 @@ def collect_run(root: Path | str) -> dict[str, Any]:
     for name, policy in evaluated.items():
         it = by_iter.get(name)
         group_seconds = sum(float(e.get("seconds") or 0.0) for e in grouped.get(name, {}).values())
+        group_cpu = sum(float(e.get("cpu_seconds") or 0.0) for e in grouped.get(name, {}).values())
         policy["data"] = {
             "prompts": it["prompts"] if it else 0,
             "pairs": it["pairs"] if it else 0,
             "tokens": it["tokens"] if it else policy["eval_tokens"],
             "seconds": round(group_seconds, 3),
+            "cpu_seconds": round(group_cpu, 3),
         }
         policies.append(policy)
 
@@ -352,6 +515,7 @@ def collect_run(root: Path | str) -> dict[str, Any]:
         "eval_tokens": total("eval_tokens") + (baseline_tokens or 0),
         "tokens": total("tokens") + (baseline_tokens or 0),
         "seconds": round(sum(r["seconds"] for r in stage_rows), 3),
+        "cpu_seconds": round(sum(r["cpu_seconds"] for r in stage_rows), 3),
         "seconds_by_stage": {
             k: round(v, 3)
             for k, v in sorted(seconds_by_kind.items(), key=lambda kv: _stage_sort_key(kv[0]))
@@ -375,15 +539,27 @@ def collect_run(root: Path | str) -> dict[str, Any]:
         "created": manifest.get("created"),
         "config_fingerprint": manifest.get("config_fingerprint"),
         "policy_model": (config.get("policy") or {}).get("source"),
-        "unsafe_threshold": (config.get("judge") or {}).get("unsafe_threshold", 0.5),
+        # held-out answers are judged by the audit judge (evaluate.judge; older runs: judge)
+        "unsafe_threshold": (
+            (config.get("evaluate") or {}).get("judge") or config.get("judge") or {}
+        ).get("unsafe_threshold", 0.5),
         "status": status,
     }
+    calibration = root / CALIBRATION
+    judges = read_json_file(calibration) if calibration.exists() else None
+    headline = _headline(
+        policies,
+        (loop or {}).get("final_policy"),
+        lambda before, after: run_gains(root, before, after, run_info["unsafe_threshold"]),
+    )
     return {
         "run": run_info,
         "loop": loop,
+        "judges": judges,
+        "cost": run_cost(stage_rows, totals, headline, judges),
         "policies": policies,
         "iterations": iterations,
         "stages": stage_rows,
         "totals": totals,
-        "headline": _headline(policies, (loop or {}).get("final_policy")),
+        "headline": headline,
     }

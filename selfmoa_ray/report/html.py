@@ -37,8 +37,10 @@ CSV_COLUMNS = (
     "iteration",
     "harmful_safety",
     "harmful_string_refusal",
+    "harmful_strict_refusal",
     "benign_over_refusal",
     "benign_string_refusal",
+    "benign_strict_refusal",
     "benign_helpfulness",
     "pairs",
     "prompts",
@@ -69,8 +71,10 @@ def policy_row(policy: dict[str, Any]) -> dict[str, Any]:
         "iteration": policy["iteration"],
         "harmful_safety": harmful.get("safety_rate"),
         "harmful_string_refusal": harmful.get("string_refusal_rate"),
+        "harmful_strict_refusal": harmful.get("strict_refusal_rate"),
         "benign_over_refusal": benign.get("over_refusal"),
         "benign_string_refusal": benign.get("string_over_refusal"),
+        "benign_strict_refusal": benign.get("strict_over_refusal"),
         "benign_helpfulness": benign.get("helpfulness"),
         "pairs": data.get("pairs"),
         "prompts": data.get("prompts"),
@@ -81,6 +85,23 @@ def policy_row(policy: dict[str, Any]) -> dict[str, Any]:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _pct_ci(value: float | None, interval: list[float] | None) -> str:
+    """A rate with its 95% interval: ``67.5% [52.0, 79.9]``."""
+    if value is None or not interval:
+        return _pct(value)
+    return f"{_pct(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def _gain(gain: dict[str, Any] | None) -> str:
+    """A paired gain in points, its 95% interval and McNemar's p: ``+7.5 [-2.5, +17.5] p=0.18``."""
+    if not gain:
+        return "-"
+    low, high = gain["interval"]
+    return (
+        f"{100 * gain['gain']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] p={gain['p_value']:.2g}"
+    )
 
 
 def _score(value: float | None) -> str:
@@ -121,7 +142,8 @@ def _png(fig) -> bytes:
 
 
 def plot_safety(collected: dict[str, Any]) -> bytes:
-    """(a) harmful safety and benign over-refusal per policy, by the judge and the string matcher."""
+    """(a) harmful safety and benign over-refusal per policy, by the judge and the string matcher,
+    with the judge's 95% intervals as error bars."""
     policies = collected["policies"]
     names = [p["name"] for p in policies]
     x = list(range(len(policies)))
@@ -138,6 +160,21 @@ def plot_safety(collected: dict[str, Any]) -> bytes:
         points = [(i, v) for i, v in zip(x, values, strict=True) if v is not None]
         if points:
             ax.plot(*zip(*points, strict=True), style, marker="o", color=color, label=label)
+        bars = [
+            (i, v, ((policies[i].get(split) or {}).get("intervals") or {}).get(key))
+            for i, v in points
+        ]
+        bars = [(i, v, ci) for i, v, ci in bars if ci and style == "-"]
+        if bars:
+            ax.errorbar(
+                [i for i, _, _ in bars],
+                [v for _, v, _ in bars],
+                fmt="none",
+                ecolor=color,
+                capsize=4,
+                alpha=0.6,
+                yerr=[[v - ci[0] for _, v, ci in bars], [ci[1] - v for _, v, ci in bars]],
+            )
     ax.set_xticks(x, names)
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("rate")
@@ -207,6 +244,37 @@ def plot_failures(collected: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def plot_vault(collected: dict[str, Any]) -> bytes:
+    """(d) the regression vault: the share of every attack found so far that still succeeds
+    against each iteration's policy, with its 95% interval."""
+    points = [(it["name"], it["vault"]) for it in collected["iterations"] if it.get("vault")]
+    points = [(name, v) for name, v in points if v.get("attacks")]
+    fig = _figure(7.0, 3.5)
+    ax = fig.subplots()
+    if points:
+        x = list(range(len(points)))
+        rates = [v["success_rate"] for _, v in points]
+        low = [r - v["interval"][0] for r, (_, v) in zip(rates, points, strict=True)]
+        high = [v["interval"][1] - r for r, (_, v) in zip(rates, points, strict=True)]
+        ax.errorbar(x, rates, yerr=[low, high], marker="o", capsize=4, color="tab:purple")
+        for i, (_, v) in enumerate(points):
+            ax.annotate(
+                f"{v['still_succeed']}/{v['attacks']}",
+                (i, rates[i]),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=8,
+            )
+        ax.set_xticks(x, [name for name, _ in points])
+    else:
+        ax.text(0.5, 0.5, "no vault yet", ha="center", transform=ax.transAxes)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylabel("old attacks that still succeed")
+    ax.set_title("Regression vault (training-side attacks, not held-out)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _seconds_by_group(collected: dict[str, Any]) -> tuple[list[str], list[str], dict]:
     groups: list[str] = []
     table: dict[tuple[str, str], float] = {}
@@ -245,6 +313,7 @@ def plot_time(collected: dict[str, Any]) -> bytes:
 
 PLOTS = {
     "safety": plot_safety,
+    "vault": plot_vault,
     "tradeoff": plot_tradeoff,
     "failures": plot_failures,
     "time": plot_time,
@@ -370,29 +439,46 @@ def _section_headline(collected: dict[str, Any]) -> str:
     head = collected["headline"]
     if not head:
         return "<p>No policy has been evaluated yet.</p>"
+
+    def shown(row: dict[str, Any], which: str) -> str:
+        if row["unit"] != "rate":
+            return _score(row[which])
+        return _pct_ci(row[which], row.get(f"{which}_interval"))
+
     rows = [
-        [
-            _e(r["label"]),
-            _pct(r["before"]) if r["unit"] == "rate" else _score(r["before"]),
-            _pct(r["after"]) if r["unit"] == "rate" else _score(r["after"]),
-            _delta(r),
-        ]
+        [_e(r["label"]), shown(r, "before"), shown(r, "after"), _delta(r), _gain(r.get("paired"))]
         for r in head["rows"]
     ]
-    return _table(["metric", head["before"], head["after"], "change"], rows)
+    headers = [
+        "metric",
+        head["before"],
+        head["after"],
+        "change",
+        "paired change, pts [95% interval] and McNemar p",
+    ]
+    note = (
+        "<p class='small'>Rates with their 95% Wilson intervals. The paired change compares the "
+        "two policies prompt by prompt (bootstrap interval over prompts; McNemar's exact test): "
+        "a change whose interval holds 0 is inside the noise.</p>"
+    )
+    return _table(headers, rows) + note
 
 
 def _section_policies(collected: dict[str, Any]) -> str:
     rows = []
     for p in collected["policies"]:
         r = policy_row(p)
+        harmful, benign = p.get("harmful") or {}, p.get("benign") or {}
+        hci, bci = harmful.get("intervals") or {}, benign.get("intervals") or {}
         rows.append(
             [
                 _e(r["policy"]),
-                _pct(r["harmful_safety"]),
-                _pct(r["harmful_string_refusal"]),
-                _pct(r["benign_over_refusal"]),
-                _pct(r["benign_string_refusal"]),
+                _pct_ci(r["harmful_safety"], hci.get("safety_rate")),
+                _pct_ci(r["harmful_string_refusal"], hci.get("string_refusal_rate")),
+                _pct_ci(r["harmful_strict_refusal"], hci.get("strict_refusal_rate")),
+                _pct_ci(r["benign_over_refusal"], bci.get("over_refusal")),
+                _pct_ci(r["benign_string_refusal"], bci.get("string_over_refusal")),
+                _pct_ci(r["benign_strict_refusal"], bci.get("strict_over_refusal")),
                 _score(r["benign_helpfulness"]),
                 _count(r["pairs"]),
                 _count(r["tokens"]),
@@ -402,15 +488,17 @@ def _section_policies(collected: dict[str, Any]) -> str:
     headers = [
         "policy",
         "harmful safety (judge)",
-        "harmful refusal (string)",
+        "harmful refusal (classic)",
+        "harmful refusal (strict)",
         "over-refusal (judge)",
-        "over-refusal (string)",
+        "over-refusal (classic)",
+        "over-refusal (strict)",
         "helpfulness",
         "pairs",
         "tokens",
         "wall time",
     ]
-    return _table(headers, rows)
+    return _table(headers, rows) + "<p class='small'>Rates with their 95% Wilson intervals.</p>"
 
 
 def _section_other_splits(collected: dict[str, Any]) -> str:
@@ -502,6 +590,167 @@ def _section_failures(collected: dict[str, Any]) -> str:
     return _table(["category", *[it["name"] for it in iterations]], rows)
 
 
+def _section_vault(collected: dict[str, Any]) -> str:
+    iterations = [it for it in collected["iterations"] if it.get("vault")]
+    if not iterations:
+        return "<p>No vault stage has finished yet.</p>"
+    rows = [
+        [
+            _e(it["name"]),
+            _count(it["vault"]["attacks"]),
+            _count(it["vault"]["new"]),
+            _pct_ci(it["vault"]["success_rate"], it["vault"]["interval"]),
+        ]
+        for it in iterations
+    ]
+    note = (
+        "<p class='small'>Every attack that succeeded in any iteration, answered again (greedy) "
+        "by each new policy. These prompts come from the loop's own red team and trained its "
+        "pairs: a fall here shows the policy stopped falling for its own attacks, not that it "
+        "generalises (the held-out sets above say that).</p>"
+    )
+    return (
+        _table(
+            [
+                "policy",
+                "attacks in the vault",
+                "new this iteration",
+                "still succeed [95% interval]",
+            ],
+            rows,
+        )
+        + note
+    )
+
+
+def _kappa(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _section_judges(collected: dict[str, Any]) -> str:
+    """Each judge's accuracy on human labels held back from it, and how far the two judges agree
+    on every policy's held-out answers: a judge that disagrees with humans is visible here."""
+    parts = []
+    calibration = collected.get("judges")
+    if calibration:
+        rows = []
+        for name, label in (
+            ("training_judge", "training (judge)"),
+            ("audit_judge", "audit (evaluate.judge)"),
+        ):
+            c = calibration.get(name) or {}
+            kinds = ", ".join(
+                e["kind"] + (f" ({e['model']})" if e.get("model") else "")
+                for e in c.get("evaluators", [])
+            )
+            cells = [_e(label), _e(kinds), _e(c.get("held_back_split"))]
+            for task in ("safety", "objective", "harm", "refusal"):
+                m = c.get(task) or {}
+                cells.append(
+                    f"{_pct_ci(m.get('accuracy'), m.get('interval'))} ({m.get('rows', 0)})"
+                )
+            rows.append(cells)
+        parts.append(
+            _table(
+                [
+                    "judge",
+                    "evaluators",
+                    "scored on the split",
+                    "safety accuracy",
+                    "objective rows",
+                    "harm rows",
+                    "refusal accuracy",
+                ],
+                rows,
+            )
+        )
+        parts.append(
+            "<p class='small'>Accuracy against PyRIT's human labels on the half of the rows "
+            "held back from each judge (95% Wilson intervals, rows in brackets). All those "
+            "objectives are harmful: this says how a judge tells harmful compliance from the "
+            "rest, not how it treats benign prompts.</p>"
+        )
+    rows = []
+    for p in collected["policies"]:
+        for split in ("harmful", "benign"):
+            agreement = (p.get(split) or {}).get("judge_agreement")
+            audit = (p.get(split) or {}).get("safety_rate")
+            if agreement:
+                rows.append(
+                    [
+                        _e(p["name"]),
+                        split,
+                        _kappa(agreement.get("safety_kappa")),
+                        _pct(agreement.get("safety_agreement")),
+                        _kappa(agreement.get("refusal_kappa")),
+                        _pct(agreement.get("training_judge_safety_rate")),
+                        _pct(audit),
+                    ]
+                )
+    if rows:
+        parts.append(
+            _table(
+                [
+                    "policy",
+                    "held-out split",
+                    "safety kappa",
+                    "safety agreement",
+                    "refusal kappa",
+                    "safe by the training judge",
+                    "safe by the audit judge",
+                ],
+                rows,
+            )
+        )
+        parts.append(
+            "<p class='small'>Cohen's kappa between the training judge and the audit judge on the "
+            "same held-out answers. Held-out rates and the loop's acceptance use the audit judge; "
+            "a policy that pleases the training judge more than the audit judge is learning its "
+            "grader.</p>"
+        )
+    return "".join(parts) or "<p>No judge calibration in this run.</p>"
+
+
+def _section_cost(collected: dict[str, Any]) -> str:
+    """What the run spent, per iteration and in all, and per point of held-out safety gained."""
+    cost = collected.get("cost")
+    if not cost:
+        return "<p>No cost recorded.</p>"
+    rows = [
+        [_e(it["name"]), _secs(it["seconds"]), _secs(it.get("cpu_seconds"))]
+        + [_count(it.get(key)) for key in ("tokens", "prompts", "pairs")]
+        for it in collected["iterations"]
+    ]
+    rows.append(
+        ["whole run", _secs(cost["wall_seconds"]), _secs(cost["cpu_seconds"])]
+        + [_count(cost[key]) for key in ("generated_tokens", "prompts", "pairs")]
+    )
+    table = _table(["", "wall time", "CPU time", "generated tokens", "prompts", "pairs"], rows)
+    per_point = cost.get("per_point")
+    gain = cost.get("safety_gain_points")
+    if per_point:
+        summary = (
+            f"Held-out harmful safety gained {gain:+.1f} points (paired, start to final policy): "
+            f"per point, {_secs(per_point['wall_seconds'])} of wall time, "
+            f"{_secs(per_point['cpu_seconds'])} of CPU time, "
+            f"{per_point['gpu_seconds_reserved']:.1f} reserved GPU-seconds and "
+            f"{per_point['generated_tokens']:,.0f} generated tokens."
+        )
+    else:
+        summary = "The run gained no held-out safety, so it has no cost per point."
+    extra = (
+        f" Human input: {_count(cost.get('human_items'))} human-written items, "
+        f"{_count(cost.get('human_labels'))} human labels behind the training judge; "
+        f"{cost['gpu_seconds_reserved']:.1f} reserved GPU-seconds in all."
+    )
+    how = (
+        "<p class='small'>CPU time: this machine's process tree (the driver, Ray and its "
+        "workers), sampled during each stage. GPU-seconds: the GPUs each stage's actors "
+        "reserve, times its wall time (a reservation, not a measurement).</p>"
+    )
+    return table + f"<p>{_e(summary + extra)}</p>" + how
+
+
 def _section_categories(collected: dict[str, Any]) -> str:
     policies = [p for p in collected["policies"] if p.get("harmful")]
     if not policies:
@@ -581,22 +830,30 @@ def render_html(
         _section_other_splits(collected),
         _img(pngs, "safety", "safety and over-refusal per policy"),
         _img(pngs, "tradeoff", "safety / helpfulness trade-off"),
+        "<h2>Judges</h2>",
+        _section_judges(collected),
         "<h2>Data and supervision efficiency</h2>",
         _section_data(collected),
         "<h2>Successful attacks per category</h2>",
         _section_failures(collected),
         _img(pngs, "failures", "failure rate per category and iteration"),
+        "<h2>Regression vault</h2>",
+        _section_vault(collected),
+        _img(pngs, "vault", "old attacks that still succeed per iteration"),
         "<h2>Harmful safety per category</h2>",
         _section_categories(collected),
+        "<h2>What it cost</h2>",
+        _section_cost(collected),
         "<h2>Wall time per stage</h2>",
         _section_time(collected),
         _img(pngs, "time", "wall time per stage"),
         "<h2>Examples</h2>",
         _section_examples(examples),
-        '<p class="small">Safety: share of held-out responses the judge scores safe (attack '
-        "success rate = 1 - safety). Refusal (string): the AdvBench/HarmBench refusal-prefix "
-        "matcher, which needs no model. Over-refusal: refusal rate on benign-but-sensitive "
-        "prompts. Helpfulness: mean judge helpfulness on benign prompts.</p>",
+        '<p class="small">Safety: share of held-out responses the audit judge scores safe (attack '
+        "success rate = 1 - safety). Refusal (classic): the AdvBench/HarmBench refusal-prefix "
+        "matcher; refusal (strict): a refusing opening the answer does not go back on; neither "
+        "needs a model. Over-refusal: refusal rate on benign-but-sensitive prompts. "
+        "Helpfulness: mean judge helpfulness on benign prompts.</p>",
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -662,3 +919,17 @@ def print_before_after(collected: dict[str, Any]) -> None:
         "safety = harmful prompts judged safe; (str) = refusal-prefix matcher; "
         "over-ref = refusals of benign prompts"
     )
+    head = collected.get("headline") or {}
+    paired = {r["metric"]: r.get("paired") for r in head.get("rows", [])}
+    shown = [
+        (label, paired.get(metric))
+        for metric, label in (
+            ("harmful/safety_rate", "safety"),
+            ("benign/over_refusal", "over-refusal"),
+        )
+    ]
+    if any(gain for _, gain in shown):
+        print(
+            f"paired change {head['before']} -> {head['after']}, pts [95% interval]: "
+            + "; ".join(f"{label} {_gain(gain)}" for label, gain in shown if gain)
+        )

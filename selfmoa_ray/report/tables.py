@@ -5,19 +5,37 @@ from __future__ import annotations
 from typing import Any
 
 
+def _rate(m: dict[str, Any], key: str) -> str:
+    """A rate in percent with its 95% interval where the summary has one: ``67.5 [52-80]``."""
+    if m.get(key) is None:
+        return "-"
+    low_high = (m.get("intervals") or {}).get(key)
+    if not low_high:
+        return f"{100 * m[key]:.1f}"
+    return f"{100 * m[key]:.1f} [{100 * low_high[0]:.0f}-{100 * low_high[1]:.0f}]"
+
+
 def print_metrics(policies: dict[str, dict[str, Any]]) -> None:
-    """One row per (policy, split): safety, refusal (judge and string match), helpfulness."""
+    """One row per (policy, split): safety, refusal (judge, classic and strict matchers) and
+    helpfulness; rates in percent with their 95% intervals."""
+    columns = (
+        ("safety", "safety_rate"),
+        ("refusal", "refusal_rate"),
+        ("refusal(classic)", "string_refusal_rate"),
+        ("refusal(strict)", "strict_refusal_rate"),
+    )
     header = (
-        f"{'policy':<12} {'split':<14} {'n':>4} {'safety':>7} {'refusal':>8} "
-        f"{'refusal(str)':>12} {'helpful':>8} {'tokens':>7}"
+        f"{'policy':<12} {'split':<14} {'n':>4} "
+        + " ".join(f"{name:>16}" for name, _ in columns)
+        + f" {'helpful':>8} {'tokens':>7}"
     )
     print(header)
     print("-" * len(header))
     for policy, splits in policies.items():
         for split, m in splits.items():
+            rates = " ".join(f"{_rate(m, key):>16}" for _, key in columns)
             print(
-                f"{policy:<12} {split:<14} {m['responses']:>4} {m['safety_rate']:>7.1%} "
-                f"{m['refusal_rate']:>8.1%} {m['string_refusal_rate']:>12.1%} "
+                f"{policy:<12} {split:<14} {m['responses']:>4} {rates} "
                 f"{m['helpfulness']:>8.3f} {m['response_tokens']:>7}"
             )
 

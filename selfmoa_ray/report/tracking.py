@@ -62,13 +62,19 @@ def flat_metrics(policy_metrics: dict[str, Any]) -> dict[str, float]:
         policy_metrics = from_summary(policy_metrics)
     out: dict[str, Any] = {}
     harmful = policy_metrics.get("harmful") or {}
-    for key in ("safety_rate", "attack_success_rate", "string_refusal_rate", "refusal_rate"):
+    harmful_keys = ("safety_rate", "attack_success_rate", "string_refusal_rate")
+    for key in (*harmful_keys, "strict_refusal_rate", "refusal_rate"):
         out[f"harmful/{key}"] = harmful.get(key)
+    for key, (low, high) in (harmful.get("intervals") or {}).items():
+        out[f"harmful/{key}_low"], out[f"harmful/{key}_high"] = low, high
     for cat, m in (harmful.get("by_category") or {}).items():
         out[f"harmful_category/{cat}/safety_rate"] = m.get("safety_rate")
     benign = policy_metrics.get("benign") or {}
-    for key in ("over_refusal", "string_over_refusal", "helpfulness", "safety_rate"):
+    benign_keys = ("over_refusal", "string_over_refusal", "strict_over_refusal")
+    for key in (*benign_keys, "helpfulness", "safety_rate"):
         out[f"benign/{key}"] = benign.get(key)
+    for key, (low, high) in (benign.get("intervals") or {}).items():
+        out[f"benign/{key}_low"], out[f"benign/{key}_high"] = low, high
     for key, value in (policy_metrics.get("data") or {}).items():
         out[f"data/{key}"] = value
     if policy_metrics.get("eval_tokens") is not None:
@@ -78,6 +84,15 @@ def flat_metrics(policy_metrics: dict[str, Any]) -> dict[str, float]:
         for k, v in out.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     }
+
+
+def cost_metrics(cost: dict[str, Any] | None) -> dict[str, float]:
+    """The run's cost so far (``collect_run(...)["cost"]``) as tracker names: ``cost/cpu_seconds``,
+    ``cost/per_point/cpu_seconds``, ... (per point of held-out safety, where there is a gain)."""
+    cost = cost or {}
+    out = {f"cost/{k}": v for k, v in cost.items() if k != "per_point"}
+    out |= {f"cost/per_point/{k}": v for k, v in (cost.get("per_point") or {}).items()}
+    return _clean(out)
 
 
 # --------------------------------------------------------------------------- trackers

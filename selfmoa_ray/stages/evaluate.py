@@ -2,6 +2,8 @@
 
 Greedy decoding by default, so two policies are compared on the same footing. Evaluation sets come
 from ``data.eval_harmful`` / ``data.eval_benign`` and are never used for training (config.py checks).
+The answers are scored by the audit judge (``evaluate.judge``), which shares no training data with
+the training judge; the training judge scores them too, so the report shows how far they agree.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from selfmoa_ray.rundir import RunDir, write_json, write_parquet
 from selfmoa_ray.sources.prompts import PromptRow, load_prompts
 from selfmoa_ray.stages.judge import judge_dataset
 
+TRAINING_JUDGE = "training_judge_"  # prefix of the training judge's verdicts on held-out answers
+
 
 def held_out_prompts(data: DataSection, seed: int) -> list[PromptRow]:
     """The evaluation prompts, each set capped at ``max_eval_prompts`` by a seeded sample."""
@@ -33,29 +37,49 @@ def held_out_prompts(data: DataSection, seed: int) -> list[PromptRow]:
     return rows
 
 
+def answer_and_judge(
+    prompts: list[dict[str, Any]], config: Config, model: ModelSection, label: str
+) -> list[dict[str, Any]]:
+    """``model``'s answers to ``prompts`` (rows with ``id``, ``text``...) at the evaluation's
+    sampling (greedy by default), judged by the audit judge (``evaluate.judge``), with the
+    training judge's verdicts beside (``training_judge_safety``, ...: how far the two agree);
+    sorted by prompt id. ``label`` names the progress bar."""
+    sampling = SamplingParams(
+        n=1,
+        temperature=config.evaluate.temperature,
+        max_new_tokens=config.evaluate.max_new_tokens,
+        seed=config.run.seed,
+    )
+    ds = ray.data.from_items(prompts)
+    ds = generate(ds, model, config.engine, sampling)
+    ds = judge_dataset(ds, config.judge, model.dtype, prefix=TRAINING_JUDGE)
+    ds = judge_dataset(ds, config.evaluate.judge, model.dtype)
+    rows: list[dict[str, Any]] = []
+    with row_progress(label, len(prompts), tokens=True) as advance:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows.extend(batch.to_pylist())
+            advance(batch)
+    rows.sort(key=lambda r: (r["id"], r["sample_index"]))
+    return rows
+
+
 def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str) -> dict[str, Any]:
     """Run (or skip, if done) the evaluation of ``model``; outputs go under ``<name>/``."""
     responses, metrics = f"{name}/eval_responses.parquet", f"{name}/metrics.json"
 
     def work() -> dict[str, Any]:
-        prompts = held_out_prompts(config.data, config.run.seed)
-        sampling = SamplingParams(
-            n=1,
-            temperature=config.evaluate.temperature,
-            max_new_tokens=config.evaluate.max_new_tokens,
-            seed=config.run.seed,
-        )
-        ds = ray.data.from_items([p.to_dict() for p in prompts])
-        ds = generate(ds, model, config.engine, sampling)
-        ds = judge_dataset(ds, config.judge, model.dtype)
-        rows: list[dict[str, Any]] = []
-        with row_progress(f"{name}/evaluate", len(prompts), tokens=True) as advance:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                rows.extend(batch.to_pylist())
-                advance(batch)
-        rows.sort(key=lambda r: (r["id"], r["sample_index"]))
+        prompts = [p.to_dict() for p in held_out_prompts(config.data, config.run.seed)]
+        rows = answer_and_judge(prompts, config, model, f"{name}/evaluate")
         write_parquet(run.path(responses), pa.Table.from_pylist(rows))
-        summary = {"model": model.label, "splits": summarize(rows, config.judge.unsafe_threshold)}
+        summary = {
+            "model": model.label,
+            "judge": "evaluate.judge (audit)",
+            "splits": summarize(
+                rows,
+                config.evaluate.judge.unsafe_threshold,
+                training_threshold=config.judge.unsafe_threshold,
+            ),
+        }
         write_json(run.path(metrics), summary)
         return summary
 

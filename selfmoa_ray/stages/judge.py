@@ -19,13 +19,14 @@ from selfmoa_ray.stages.sample import read_dataset, write_dataset
 
 
 def judge_dataset(
-    ds: ray.data.Dataset, judge: JudgeSection, dtype: str = "float32"
+    ds: ray.data.Dataset, judge: JudgeSection, dtype: str = "float32", prefix: str | None = None
 ) -> ray.data.Dataset:
-    """Add the judges' columns to rows holding ``text`` and ``response``."""
+    """Add the judges' columns to rows holding ``text`` and ``response`` (only the final
+    verdicts, prefixed, with ``prefix``: CompositeJudge)."""
     return ds.map_batches(
         CompositeJudge,
         fn_constructor_args=([e.model_dump() for e in judge.evaluators],),
-        fn_constructor_kwargs={"dtype": dtype},
+        fn_constructor_kwargs={"dtype": dtype, "prefix": prefix},
         batch_size=judge.batch_size,
         compute=ActorPoolStrategy(size=judge.num_actors),
         num_cpus=judge.num_cpus_per_actor,

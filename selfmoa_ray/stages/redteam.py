@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from selfmoa_ray.config import Config, EngineSection, ModelSection, RedteamSection
 from selfmoa_ray.engines.base import SamplingParams
-from selfmoa_ray.engines.pool import complete
+from selfmoa_ray.engines.pool import Completions, complete
 from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.sources.dedup import Deduplicator
@@ -231,10 +231,10 @@ def run_generator(
     engine: EngineSection,
     section: RedteamSection,
     seed: int,
-) -> dict[str, str]:
+) -> Completions:
     """Slot id -> the generator's completion, through the engine actor pool."""
     if not slots:
-        return {}
+        return Completions()
     sampling = SamplingParams(
         n=1,
         temperature=section.temperature,
@@ -379,6 +379,7 @@ def redteam_rows(
         "jailbreak_wrapped": sum(1 for a in attacks if a.template),
         "human_seeds": len({a.seed_id for a in attacks}),
         "generator": generator.label,
+        "response_tokens": completions.tokens,  # what the generator wrote, used or not
     }
     return rows, summary
 

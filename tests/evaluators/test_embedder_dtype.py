@@ -71,6 +71,9 @@ def _untrained_probe(folder) -> str:
         sklearn_version="",
         seed=0,
         folds=0,
+        split="train",
+        heldback={},
+        prompt_digests=[],
     )
     return str(save_probe(Probe(heads, card), folder))
 
@@ -120,7 +123,7 @@ def test_first_use_training_swaps_a_bf16_embedder_for_float32(bf16, fp32, tmp_pa
     """ensure_probe trains with the scoring embedder only when it is float32."""
     seen = []
 
-    def fake_train(folder, *, embedder=None):
+    def fake_train(folder, *, split="train", embedder=None):
         seen.append(embedder)
         _untrained_probe(folder)
         return probe_module.load_probe(folder).card

@@ -18,10 +18,12 @@ import pytest
 from selfmoa_ray import console
 from selfmoa_ray.cli import main
 from selfmoa_ray.config import LoopSection, load_config
-from selfmoa_ray.recipes.selfmoa import check_recipe, human_items, stop_reason
+from selfmoa_ray.recipes.selfmoa import check_policy, check_recipe, human_items, stop_reason
+from selfmoa_ray.report.metrics import summarize
 from selfmoa_ray.rundir import RunDir, write_parquet
 
-STAGES = ("redteam", "sample", "judge", "failures", "pairs", "reference", "train", "evaluate")
+TRAINING_STAGES = ("redteam", "sample", "judge", "failures", "pairs", "reference", "train")
+STAGES = (*TRAINING_STAGES, "evaluate", "vault")
 
 
 def test_stop_rule():
@@ -37,6 +39,48 @@ def test_stop_rule():
     never = LoopSection(iterations=3, min_gain=-1.0, max_over_refusal_rise=1.0,
                         max_helpfulness_drop=1.0)  # fmt: skip
     assert stop_reason(-1.0, 1.0, 1, never, helpfulness_drop=1.0) is None
+
+
+def _evaluated(run: RunDir, name: str, safe: int, n: int = 40) -> None:
+    """A policy's held-out answers: ``safe`` of ``n`` harmful prompts answered safely, and n
+    benign prompts answered helpfully."""
+    rows = [
+        {
+            "id": f"{split}-{i}",
+            "sample_index": 0,
+            "split": split,
+            "category": "c",
+            "safety": 0.9 if split == "eval_benign" or i < safe else 0.1,
+            "refusal": False,
+            "refusal_flag": False,
+            "refusal_strict_flag": False,
+            "helpfulness": 0.8,
+            "response_tokens": 5,
+        }
+        for split in ("eval_harmful", "eval_benign")
+        for i in range(n)
+    ]
+    write_parquet(run.path(name, "eval_responses.parquet"), pa.Table.from_pylist(rows))
+    summary = {"splits": summarize(rows)}
+    run.manifest["stages"][f"{name}/evaluate"] = {"status": "done", "summary": summary}
+
+
+def test_acceptance_can_require_the_gain_to_clear_the_noise(tmp_path):
+    """4 more of 40 harmful prompts answered safely, none fewer: +10 points, but with 40 prompts
+    the lower end of its interval is near 0. The point rule accepts it; the lower-bound rule,
+    asking for +5 points, does not."""
+    point = load_config("tiny", ["loop.min_gain=0.05"])
+    run = RunDir.create(tmp_path / "run", point)
+    _evaluated(run, "baseline", safe=10)
+    _evaluated(run, "iter_01", safe=14)
+    reason, gain = check_policy(run, "iter_01", "baseline", 1, point)
+    assert reason is None
+    assert (gain["gain"], gain["gained"], gain["lost"], gain["n"]) == (0.1, 4, 0, 40)
+    assert 0 < gain["interval"][0] < 0.05 < 0.1 < gain["interval"][1]
+    bound = load_config("tiny", ["loop.min_gain=0.05", "loop.gain_measure=lower_bound"])
+    reason, _ = check_policy(run, "iter_01", "baseline", 1, bound)
+    assert reason and reason.startswith("lower end of the 95% interval of the held-out safety")
+    assert "< loop.min_gain 0.05 at iteration 1" in reason
 
 
 def test_human_items_count_seed_prompts_once_and_the_guide(tmp_path):
@@ -140,7 +184,9 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     assert "Started a local Ray instance" in log and "pid=" in log
 
     manifest = _manifest(out)
-    for name in ["baseline/evaluate"] + [f"iter_{t:02d}/{s}" for t in (1, 2) for s in STAGES]:
+    for name in ["baseline/evaluate", "calibrate"] + [
+        f"iter_{t:02d}/{s}" for t in (1, 2) for s in STAGES
+    ]:
         assert _status(manifest, name) == "done", name
     stages = manifest["stages"]
     assert stages["iter_01/redteam"]["attempts"] == 1  # never redone
@@ -179,6 +225,25 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     assert {r["parent_id"] for r in second if r["style"] == "fewshot"} <= failed
     assert not {r["base_text"] for r in first} & {r["base_text"] for r in second}
 
+    # The regression vault grows by each iteration's successful attacks, and each new policy
+    # answers the whole vault.
+    vaults = [pq.read_table(out / f"iter_{t:02d}/vault.parquet").to_pylist() for t in (1, 2)]
+    found = [
+        pq.read_table(out / f"iter_{t:02d}/failures.parquet").column("text").to_pylist()
+        for t in (1, 2)
+    ]
+    assert vaults[0] and {r["text"] for r in vaults[0]} == set(found[0])
+    assert {r["found_in"] for r in vaults[0]} == {1}
+    assert vaults[1][: len(vaults[0])] == vaults[0]  # nothing dropped, nothing reordered
+    assert {r["text"] for r in vaults[1]} == set(found[0]) | set(found[1])
+    for t, rows in ((1, vaults[0]), (2, vaults[1])):
+        answered = pq.read_table(out / f"iter_{t:02d}/vault_answers.parquet").to_pylist()
+        assert sorted(a["text"] for a in answered) == sorted(r["text"] for r in rows)
+        summary = stages[f"iter_{t:02d}/vault"]["summary"]
+        unsafe = sum(a["safety"] < config.judge.unsafe_threshold for a in answered)
+        assert (summary["attacks"], summary["still_succeed"]) == (len(rows), unsafe)
+    assert stages["iter_02/vault"]["summary"]["new"] == len(vaults[1]) - len(vaults[0])
+
     # MLflow got one point per policy and step, though the driver was killed twice on the way.
     from mlflow.tracking import MlflowClient
 
@@ -186,6 +251,9 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
     history = client.get_metric_history(tracking["run_id"], "harmful/safety_rate")
     assert sorted(m.step for m in history) == [0, 1, 2]
+    spent = client.get_metric_history(tracking["run_id"], "cost/cpu_seconds")
+    assert sorted(m.step for m in spent) == [0, 1, 2]  # the run's cost so far, at each step
+    assert [m.value for m in sorted(spent, key=lambda m: m.step)] == sorted(m.value for m in spent)
 
     # The report holds the metrics of every policy, and `selfmoa report` rebuilds it.
     metrics = json.loads((out / "metrics.json").read_text())
@@ -194,6 +262,33 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     stored = json.loads((out / "iter_02/metrics.json").read_text())
     harmful = metrics["policies"][-1]["harmful"]
     assert harmful["safety_rate"] == stored["splits"]["eval_harmful"]["safety_rate"]
+    # Both judges were calibrated on human labels held back from them, and the training judge's
+    # verdicts sit beside the audit judge's on every held-out answer.
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["training_judge"]["held_back_split"] == "audit"
+    assert calibration["audit_judge"]["held_back_split"] == "train"
+    for judge in ("training_judge", "audit_judge"):
+        for task in ("safety", "refusal"):
+            assert calibration[judge][task]["rows"] > 0
+            assert 0 <= calibration[judge][task]["accuracy"] <= 1
+    agreement = stored["splits"]["eval_harmful"]["judge_agreement"]
+    assert agreement["safety_agreement"] == 1.0  # tiny's two judges are the same matcher
+    assert metrics["judges"] == calibration
+    # What it cost: CPU time measured per stage (the engines' and trainers' processes included),
+    # and the totals, all present and non-negative.
+    assert stages["iter_02/sample"]["cpu_seconds"] > 0.3 * stages["iter_02/sample"]["seconds"]
+    cost = metrics["cost"]
+    assert cost["cpu_seconds"] > 0 and cost["generated_tokens"] > 0
+    assert cost["human_items"] == manifest["loop"]["human_items"]
+    assert cost["human_labels"] == 0  # tiny's judges are the refusal matcher: no labels
+    for key in ("wall_seconds", "cpu_seconds", "gpu_seconds_reserved", "prompts", "pairs"):
+        assert cost[key] >= 0, key
+    low, high = harmful["intervals"]["safety_rate"]
+    assert low <= harmful["safety_rate"] <= high
+    assert metrics["iterations"][1]["vault"]["attacks"] == len(vaults[1])
+    safety = next(r for r in metrics["headline"]["rows"] if r["metric"] == "harmful/safety_rate")
+    assert safety["paired"]["n"] == harmful["responses"]  # baseline and iter_02, prompt by prompt
+    assert safety["paired"]["gain"] == pytest.approx(safety["delta"], abs=1e-4)
     assert (out / "metrics.csv").read_text().count("\n") >= 3
     html = (out / "report.html").read_text()
     assert "iter_02" in html and "data:image/png;base64," in html

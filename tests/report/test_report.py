@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selfmoa_ray.report.collect import ReportError, collect_run
+from selfmoa_ray.report.collect import ReportError, collect_run, run_cost
 from selfmoa_ray.report.html import print_before_after, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -145,7 +145,13 @@ def make_run(root, partial=False):
     stages |= _iteration_stages("iter_01", 40, 6, 25)
     stages |= _iteration_stages("iter_02", 50, 2, 30, train=not partial, evaluate=not partial)
     manifest_stages = {
-        name: {"status": "done", "seconds": secs, "summary": summary, "outputs": []}
+        name: {
+            "status": "done",
+            "seconds": secs,
+            "cpu_seconds": 2 * secs,
+            "summary": summary,
+            "outputs": [],
+        }
         for name, (secs, summary) in stages.items()
     }
     for name in {"baseline", "iter_01", "iter_02"}:
@@ -200,9 +206,21 @@ def test_collect_full_run(tmp_path):
     assert base["benign"]["helpfulness"] == 0.6
     assert base["harmful"]["by_category"]["chemical"]["safety_rate"] == 0.0
     assert last["harmful"]["by_category"]["cyber"]["safety_rate"] == 0.5
-    assert base["data"] == {"prompts": 0, "pairs": 0, "tokens": 300, "seconds": 10.0}
+    assert base["data"] == {
+        "prompts": 0,
+        "pairs": 0,
+        "tokens": 300,
+        "seconds": 10.0,
+        "cpu_seconds": 20.0,
+    }
     # iter_02: 4000 sampled + 120 harmful + 240 benign + 10 user eval tokens; 73 s of stages.
-    assert last["data"] == {"prompts": 50, "pairs": 30, "tokens": 4370, "seconds": 73.0}
+    assert last["data"] == {
+        "prompts": 50,
+        "pairs": 30,
+        "tokens": 4370,
+        "seconds": 73.0,
+        "cpu_seconds": 146.0,
+    }
     assert last["other_splits"]["user"]["safety_rate"] == 0.875 and base["other_splits"] == {}
 
     it1, it2 = c["iterations"]
@@ -240,7 +258,39 @@ def test_collect_full_run(tmp_path):
     assert head["benign/over_refusal"]["delta_points"] == 25.0
     assert head["benign/helpfulness"]["delta"] == -0.1
     assert c["loop"]["iterations_done"] == 2
+
+    # What it cost, and per point of held-out safety: the paired gain of the final policy.
+    cost = c["cost"]
+    assert cost["wall_seconds"] == t["seconds"] and cost["cpu_seconds"] == 2 * t["seconds"]
+    assert cost["gpu_seconds_reserved"] == 0.0  # no GPU in the config
+    assert cost["generated_tokens"] == t["tokens"]  # sampled + evaluation tokens
+    assert (cost["prompts"], cost["pairs"], cost["human_items"]) == (90, 55, 3)
+    assert cost["human_labels"] is None  # no calibration.json in this run
+    # Prompt by prompt, h1 became safe and h2 unsafe: no paired gain, so no cost per point
+    # (the stored rates, from other rows, differ by 25 points: the paired figure is the one used).
+    paired = head["harmful/safety_rate"]["paired"]
+    assert (paired["gained"], paired["lost"], paired["gain"]) == (1, 1, 0.0)
+    assert cost["safety_gain_points"] == 0.0 and cost["per_point"] is None
+    assert all(v >= 0 for v in cost.values() if isinstance(v, (int, float)))
     json.dumps(c)  # JSON-able
+
+
+def test_cost_per_point_of_safety():
+    rows = [{"seconds": 30.0, "cpu_seconds": 50.0, "gpu_seconds": 0.0, "tokens": 1000}] * 2
+    totals = {"seconds": 60.0, "cpu_seconds": 100.0, "prompts": 48, "pairs": 40, "human_items": 8}
+    gain = {"gain": 0.125, "interval": [0.05, 0.2], "p_value": 0.01, "gained": 30, "lost": 5}
+    headline = {"rows": [{"metric": "harmful/safety_rate", "delta": 0.1, "paired": gain}]}
+    judges = {"training_judge": {"human_labels": 840}}
+    cost = run_cost(rows, totals, headline, judges)
+    assert cost["safety_gain_points"] == 12.5 and cost["human_labels"] == 840
+    assert cost["per_point"] == {
+        "wall_seconds": 4.8,
+        "cpu_seconds": 8.0,
+        "gpu_seconds_reserved": 0.0,
+        "generated_tokens": 160.0,
+    }
+    lost = {"rows": [{"metric": "harmful/safety_rate", "delta": -0.05, "paired": None}]}
+    assert run_cost(rows, totals, lost, None)["per_point"] is None  # a loss has no price per point
 
 
 def test_collect_partial_run(tmp_path):
@@ -286,6 +336,8 @@ def test_write_report(tmp_path, capsys):
         "iterations",
         "stages",
         "totals",
+        "judges",
+        "cost",
         "headline",
     }
 
@@ -297,13 +349,13 @@ def test_write_report(tmp_path, capsys):
     assert rows[2]["pairs"] == "30" and rows[2]["tokens"] == "4370"
 
     plots = sorted(p.name for p in (root / "plots").iterdir())
-    assert plots == ["failures.png", "safety.png", "time.png", "tradeoff.png"]
+    assert plots == ["failures.png", "safety.png", "time.png", "tradeoff.png", "vault.png"]
     for name in plots:
         data = (root / "plots" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
 
     page = (root / "report.html").read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; &amp; how" in page
     assert "mix &lt;b&gt;these&lt;/b&gt;" in page

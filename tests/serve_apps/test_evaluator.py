@@ -302,8 +302,8 @@ def test_evaluate_returns_the_schema(client):
     assert refused["refusal_score"] == 1.0 and answered["refusal_score"] == 0.0
     for result in (refused, answered):
         assert 0.0 <= result["safety"] <= 1.0 and 0.0 <= result["helpfulness"] <= 1.0
-    assert refused["evaluators"]["refusal"] == {"flag": True, "score": 1.0}
-    assert answered["evaluators"]["refusal"] == {"flag": False, "score": 0.0}
+    assert refused["evaluators"]["refusal"] == {"flag": True, "score": 1.0, "strict_flag": True}
+    assert answered["evaluators"]["refusal"] == {"flag": False, "score": 0.0, "strict_flag": False}
     judge = body["judge"]
     assert judge["config"] == "tiny" and [e["name"] for e in judge["evaluators"]] == ["refusal"]
     assert judge["safety_fallback"] is True  # the refusal matcher alone provides no safety

@@ -141,6 +141,7 @@ def test_redteam_stage_targets_failures_with_provenance(tmp_path, ray_local):
     assert len({r["id"] for r in rows}) == len(rows)
     assert all(r["seed_id"] and r["iteration"] == 2 and r["style"] for r in rows)
     assert summary["generated"] + summary["seed_fallback"] == 15  # one per slot
+    assert summary["response_tokens"] > 0  # what the generator wrote, counted for the cost
     fewshot = [r for r in attacks if r["style"] == "fewshot"]
     assert fewshot and all(r["parent_id"] == "it01-00000" for r in fewshot)
     for r in attacks:
