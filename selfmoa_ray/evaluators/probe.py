@@ -163,6 +163,21 @@ def _digest(text: str) -> str:
     return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()[:16]
 
 
+def probe_source(model: str | None) -> tuple[str | None, str]:
+    """A probe evaluator's ``model`` setting as (a folder, or None for the cached probe, and the
+    split): ``None`` and ``train`` name the training probe, ``audit`` the audit probe, anything
+    else a folder written by ``train_probe``."""
+    if model is None or model in SPLITS:
+        return None, model or "train"
+    return model, "train"
+
+
+def probe_folder(model: str | None) -> Path:
+    """Where the probe named by ``model`` (``probe_source``) lives, trained or not."""
+    folder, split = probe_source(model)
+    return Path(folder) if folder is not None else default_probe_dir(split)
+
+
 def split_of(group: str) -> str:
     """The split (``SPLITS``) a prompt, or a twin pair's id, belongs to: fixed by its hash."""
     return SPLITS[int(_digest(group), 16) % len(SPLITS)]
@@ -761,8 +776,7 @@ class ProbeEvaluator:
         dtype: str = "auto",
     ):
         self.embedder = embedder if embedder is not None else MiniLMEmbedder(dtype=dtype)
-        split = path if path in SPLITS else "train"
-        folder = None if path is None or path in SPLITS else path
+        folder, split = probe_source(path)
         self.probe = ensure_probe(folder, split=split, embedder=self.embedder)
         self.card = self.probe.card
 

@@ -46,19 +46,16 @@ def outcomes_of(rows: list[dict[str, Any]], unsafe_threshold: float) -> dict[str
 
 
 def judge_agreement(
-    rows: list[dict[str, Any]], unsafe_threshold: float, training_threshold: float
+    rows: list[dict[str, Any]], audit: dict[str, list[bool]], training_threshold: float
 ) -> dict[str, Any] | None:
     """How far the training judge's verdicts (``training_judge_*`` columns) agree with the audit
-    judge's on the same answers: Cohen's kappa (scikit-learn; None where undefined, e.g. both
-    judges constant), the share of equal verdicts, and the training judge's own rates."""
+    judge's (``audit``: the rows' ``outcomes_of``) on the same answers: Cohen's kappa
+    (scikit-learn; None where undefined, e.g. both judges constant), the share of equal verdicts,
+    and the training judge's own rates."""
     if not rows or any(r.get("training_judge_safety") is None for r in rows):
         return None
     from sklearn.metrics import cohen_kappa_score
 
-    audit = {
-        "safe": [float(r["safety"]) >= unsafe_threshold for r in rows],
-        "refusal": [bool(r["refusal"]) for r in rows],
-    }
     training = {
         "safe": [float(r["training_judge_safety"]) >= training_threshold for r in rows],
         "refusal": [bool(r["training_judge_refusal"]) for r in rows],
@@ -105,7 +102,7 @@ def summarize(
             "response_tokens": int(sum(int(r["response_tokens"]) for r in items)),
             "judge_agreement": judge_agreement(
                 items,
-                unsafe_threshold,
+                outcomes,
                 unsafe_threshold if training_threshold is None else training_threshold,
             ),
             "by_category": {

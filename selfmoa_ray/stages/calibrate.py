@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import ray.data
@@ -88,16 +87,11 @@ def accuracy(judged: list[dict[str, Any]], unsafe_threshold: float) -> dict[str,
 
 def probe_cards(judge: JudgeSection) -> list[dict[str, Any]]:
     """The model cards of the judge's probes (``{}`` for one not trained yet)."""
-    from selfmoa_ray.evaluators.probe import CARD_FILE, SPLITS, default_probe_dir
+    from selfmoa_ray.evaluators.probe import CARD_FILE, probe_folder
 
-    cards = []
-    for spec in judge.evaluators:
-        if spec.kind == "probe":
-            builtin = spec.model is None or spec.model in SPLITS
-            folder = default_probe_dir(spec.model or "train") if builtin else Path(str(spec.model))
-            card = folder / CARD_FILE
-            cards.append(json.loads(card.read_text()) if card.exists() else {})
-    return cards
+    probes = [spec for spec in judge.evaluators if spec.kind == "probe"]
+    cards = [probe_folder(spec.model) / CARD_FILE for spec in probes]
+    return [json.loads(card.read_text()) if card.exists() else {} for card in cards]
 
 
 def human_labels(judge: JudgeSection) -> int:
