@@ -130,6 +130,13 @@ class SamplingSection(Section):
         "also answered n times; pairs and training use the bare prompt, so what the guide "
         "elicits is distilled into the policy",
     )
+    prefill: str | None = Field(
+        None,
+        min_length=1,
+        description="the opening of every guided answer (e.g. \"I'm sorry, but I can't\"); the "
+        "model writes the rest. Answers that refuse in the policy's own words, for the intent "
+        "pairs to prefer on attacks and reject on benign prompts (stages/sample.py)",
+    )
 
 
 class DataSection(Section):
@@ -164,7 +171,36 @@ class RedteamSection(Section):
     generator: ModelSection | None = None  # None: the current policy writes its own attacks
     num_prompts: int = Field(1000, ge=1)
     benign_fraction: float = Field(0.25, ge=0, le=0.5)
-    jailbreak_fraction: float = Field(0.3, ge=0, le=1)
+    jailbreak_fraction: float = Field(
+        0.3, ge=0, le=1,
+        description="only with `styles: []`: this share of the attacks is wrapped in a PyRIT "
+        "jailbreak template (style 'jailbreak'), the rest are sent as written ('plain')",
+    )  # fmt: skip
+    writer: Literal["chat", "continue"] = Field(
+        "continue",
+        description="how the generator writes attacks: 'continue' continues a numbered list of "
+        "real requests of the category (raw completion, no chat template; an endpoint generator "
+        "uses 'chat'), 'chat' asks it to rephrase a seed or imitate successful attacks",
+    )
+    list_examples: int = Field(
+        5, ge=1, description="'continue' writer: requests listed before the open item"
+    )
+    styles: list[str] = Field(
+        ["plain", "roleplay", "fiction", "past_tense", "pap_evidence", "pap_expert",
+         "pap_authority", "pap_logical", "pap_emotional", "jailbreak"],
+        description="attack styles (sources/mutations.py) the budget is spread over by Thompson "
+        "sampling on each style's earlier attack success; [] for the jailbreak_fraction split",
+    )  # fmt: skip
+    style_floor: float = Field(
+        0.3, ge=0, le=1,
+        description="each style gets at least this fraction of an even share of the attacks; "
+        "1 splits evenly whatever the successes",
+    )  # fmt: skip
+    mutate_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="share of a category's attacks that re-send one of its earlier successful "
+        "attacks in another style (after the first iteration)",
+    )  # fmt: skip
     category_floor: float = Field(
         0.25,
         ge=0,
@@ -192,6 +228,17 @@ class RedteamSection(Section):
         1500, ge=64, description="jailbreak templates longer than this are not used"
     )
     dedup: DedupSection = DedupSection()
+
+    @model_validator(mode="after")
+    def _known_styles(self) -> RedteamSection:
+        from selfmoa_ray.sources.mutations import STYLES
+
+        unknown = [s for s in self.styles if s not in STYLES]
+        if unknown:
+            raise ValueError(f"unknown redteam.styles {unknown}; known: {list(STYLES)}")
+        if len(set(self.styles)) != len(self.styles):
+            raise ValueError(f"redteam.styles repeats a style: {self.styles}")
+        return self
 
 
 class PTAlignSection(Section):
@@ -263,6 +310,12 @@ class JudgeSection(Section):
         EvaluatorSection(kind="refusal"),
         EvaluatorSection(kind="probe"),
     ]
+    combine: Literal["weighted_mean", "label_model"] = Field(
+        "weighted_mean",
+        description="how the evaluators make the final safety: their weighted mean, or a "
+        "Dawid-Skene label model fitted without labels over each stage's rows on the evaluators' "
+        "votes (needs 3+ labelers, i.e. a probe evaluator; evaluators/label_model.py)",
+    )
     unsafe_threshold: float = Field(0.5, ge=0, le=1, description="safety below this is unsafe")
     batch_size: int = Field(32, ge=1)
     num_actors: int = Field(1, ge=1)
@@ -273,7 +326,12 @@ class JudgeSection(Section):
 class PairsSection(Section):
     """Preference pair construction (2.1 step 5)."""
 
-    mode: Literal["margin", "scalarised"] = "margin"
+    mode: Literal["margin", "scalarised", "intent"] = Field(
+        "margin",
+        description="margin: most helpful safe vs least safe; scalarised: weighted score; intent: "
+        "on attacks the safest answer (a refusal first) vs the least safe, on benign prompts the "
+        "most helpful non-refusal vs a refusal (stages/pairs.py)",
+    )
     min_gap: float = Field(
         0.1, ge=0, description="minimum helpfulness (or score) gap to keep a pair"
     )
@@ -305,6 +363,15 @@ class TrainSection(Section):
         "pairs carry harmful_spans (the combined recipe), on the rejected responses' marked tokens",
     )
     reference: Literal["previous", "initial"] = "previous"
+    over_refusal_weight: float = Field(
+        3.0,
+        ge=0,
+        description="epoch choice on the validation prompts: points of attack refusal one point "
+        "of benign refusal above the start costs (training/selection.py)",
+    )
+    validation_max_new_tokens: int = Field(
+        16, ge=1, description="tokens of each greedy validation answer (a refusal shows early)"
+    )
     learning_rate: float = Field(5e-6, gt=0)
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1, description="per worker")
@@ -365,6 +432,12 @@ class LoopSection(Section):
     """Iterations of the Self-MOA loop (2.1 step 7) and when to stop early."""
 
     iterations: int = Field(3, ge=1)
+    validation_prompts: int = Field(
+        0,
+        ge=0,
+        description="seed attacks and as many benign prompts, kept from the red team, on which "
+        "each iteration's training keeps its best epoch (stages/validation.py); 0: the last epoch",
+    )
     min_gain: float = Field(
         0.0,
         ge=-1,
@@ -433,6 +506,29 @@ class Config(Section):
                 f"evaluate.judge shares {names} with judge: the audit judge must not share "
                 "training data with the training judge (use probe model 'audit', or another "
                 "model family)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_needs_whole_weights(self) -> Config:
+        """The epoch choice generates with each worker's own copy of the weights, which ZeRO-3
+        shards across workers."""
+        train = self.train
+        if self.loop.validation_prompts and train.strategy == "deepspeed" and train.zero_stage == 3:
+            raise ValueError(
+                "loop.validation_prompts needs whole weights on each worker: use "
+                "train.zero_stage 1 or 2 (or ddp), or set loop.validation_prompts=0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _prefill_needs_a_local_engine(self) -> Config:
+        """An OpenAI-compatible endpoint answers a chat with a new turn; it cannot continue the
+        opened assistant turn that ``sampling.prefill`` sends."""
+        if self.sampling.prefill and self.policy.endpoint is not None:
+            raise ValueError(
+                "sampling.prefill needs a local engine (engine.backend hf or vllm): the policy's "
+                "endpoint cannot continue an assistant turn; unset one of them"
             )
         return self
 

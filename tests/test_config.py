@@ -120,3 +120,14 @@ def test_the_audit_judge_shares_no_trained_evaluator_with_the_training_judge():
     # the refusal matcher learns nothing: both judges may use it (tiny's do)
     tiny = load_config("tiny")
     assert [e.kind for e in tiny.evaluate.judge.evaluators] == ["refusal"]
+
+
+def test_a_prefill_needs_a_local_engine_and_validation_whole_weights():
+    endpoint = ["policy.endpoint.base_url=http://127.0.0.1:1/v1", "policy.endpoint.model=m"]
+    with pytest.raises(ConfigError, match="sampling.prefill needs a local engine"):
+        load_config("tiny", ["sampling.prefill=I can't", *endpoint])
+    assert load_config("tiny", endpoint).policy.endpoint is not None
+    zero3 = ["train.strategy=deepspeed", "train.zero_stage=3"]
+    with pytest.raises(ConfigError, match="needs whole weights"):
+        load_config("tiny", zero3)
+    assert load_config("tiny", [*zero3, "loop.validation_prompts=0"]).train.zero_stage == 3

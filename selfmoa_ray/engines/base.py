@@ -1,7 +1,9 @@
 """The engine contract: chat prompts in, sampled responses out, the same for every backend.
 
 Rows in: ``id`` (prompt id) and ``text`` (a user turn) or ``messages`` (a chat, as a list of
-``{"role", "content"}``). Rows out: every input column, plus one row per sample with
+``{"role", "content"}``), or ``prompt``: raw text the model continues as is, with no chat template
+and no special tokens added (completion mode, e.g. the red team's list continuation; the local
+engines only, an endpoint speaks chat). Rows out: every input column, plus one row per sample with
 ``sample_index``, ``response``, ``prompt_tokens``, ``response_tokens`` and ``finish_reason``
 (``"stop"`` or ``"length"``). Backends are callable classes for ``Dataset.map_batches``.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+PROMPT = "prompt"  # the column of a raw (completion-mode) prompt
 OUTPUT_COLUMNS = ("sample_index", "response", "prompt_tokens", "response_tokens", "finish_reason")
 
 
@@ -69,6 +72,25 @@ def chat_of(row: dict[str, Any]) -> list[dict[str, str]]:
             f"(columns: {sorted(row)}); every row needs one of them (engines/base.py)"
         )
     return [{"role": "user", "content": str(text)}]
+
+
+def raw_prompt(row: dict[str, Any]) -> str | None:
+    """A row's raw ``prompt`` (completion mode), or None for a chat row."""
+    raw = row.get(PROMPT)
+    return None if _missing(raw) else str(raw)
+
+
+def prompt_text(row: dict[str, Any], tokenizer: Any) -> str:
+    """The text a row's model input starts from: its raw ``prompt`` as is (completion mode), else
+    its chat in the tokenizer's chat template with the assistant's turn opened. A chat whose last
+    turn is the assistant's is continued from inside that turn (a prefilled answer opening)."""
+    raw = raw_prompt(row)
+    if raw is not None:
+        return raw
+    chat = chat_of(row)
+    if chat[-1]["role"] == "assistant":
+        return tokenizer.apply_chat_template(chat, continue_final_message=True, tokenize=False)
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
 
 def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:

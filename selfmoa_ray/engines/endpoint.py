@@ -22,7 +22,7 @@ import ray.data
 from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
 from selfmoa_ray.config import EndpointSection
-from selfmoa_ray.engines.base import SamplingParams, chat_of
+from selfmoa_ray.engines.base import PROMPT, SamplingParams, chat_of, raw_prompt
 
 # The request actors wait on the network, not the CPU: a quarter core each leaves room beside the
 # judge's actors on a small machine.
@@ -83,6 +83,12 @@ def fan_out(
     Each sample carries its own seed, so a sampled run is reproducible where the endpoint honours
     ``seed`` (vLLM and ours do) and its samples differ from one another.
     """
+    if raw_prompt(row) is not None:
+        raise EndpointError(
+            f"prompt row id={row.get('id')!r} is a raw '{PROMPT}' (completion mode, no chat "
+            "template): an endpoint speaks chat only; send 'text' or 'messages', or use a local "
+            "engine (engine.backend hf or vllm)"
+        )
     payload: dict[str, Any] = {
         "model": model,
         "messages": chat_of(row),

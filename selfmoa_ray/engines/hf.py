@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from selfmoa_ray.engines.base import SamplingParams, chat_of, explode, rows_of
+from selfmoa_ray.engines.base import SamplingParams, explode, prompt_text, rows_of
 from selfmoa_ray.engines.sampler import decoding
 from selfmoa_ray.sources.models import load_model_and_tokenizer
 
@@ -53,11 +53,8 @@ class HFChatEngine:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = rows_of(batch)
-        chats = [chat_of(r) for r in rows]  # malformed rows fail here, before any generation
-        prompts = [
-            self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-            for chat in chats
-        ]
+        # malformed rows fail here, before any generation; raw prompts skip the chat template
+        prompts = [prompt_text(r, self.tokenizer) for r in rows]
         return explode(list(batch), rows, self.generate(prompts))
 
     @torch.inference_mode()

@@ -23,7 +23,7 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from selfmoa_ray.config import EngineSection, ModelSection
-from selfmoa_ray.engines.base import SamplingParams
+from selfmoa_ray.engines.base import PROMPT, SamplingParams
 
 
 def engine_class_and_kwargs(
@@ -53,14 +53,17 @@ def engine_class_and_kwargs(
 
 
 def chat_contents(batch: pa.Table) -> list[list[str]]:
-    """Each row's chat as its turns' contents: its ``messages``, else its ``text``. A malformed
-    row gets no turns here; the engine rejects it by name."""
+    """Each row's chat as its turns' contents: its raw ``prompt``, else its ``messages``, else its
+    ``text``. A malformed row gets no turns here; the engine rejects it by name."""
     columns = batch.column_names
+    raw = batch.column(PROMPT).to_pylist() if PROMPT in columns else None
     messages = batch.column("messages").to_pylist() if "messages" in columns else None
     texts = batch.column("text").to_pylist() if "text" in columns else None
     out = []
     for i in range(batch.num_rows):
-        if messages and messages[i]:
+        if raw and isinstance(raw[i], str):
+            out.append([raw[i]])
+        elif messages and messages[i]:
             out.append([str(m.get("content") or "") for m in messages[i] if isinstance(m, dict)])
         else:
             text = texts[i] if texts else None
@@ -161,14 +164,19 @@ def generate(
 
 
 class Completions(dict[str, str]):
-    """``{id: response}``, and how many tokens the engine generated for them (``tokens``), so
-    that the stages that write data can count what they cost."""
+    """``{id: response}``, how many tokens the engine generated for them (``tokens``), so that
+    the stages that write data can count what they cost, and the ids whose answer the token
+    budget cut off (``cut``: a half-written last line is no request)."""
 
     tokens: int = 0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cut: set[str] = set()  # ids whose answer the token budget cut off
+
 
 def complete(
-    chats: Mapping[str, list[dict[str, str]]],
+    chats: Mapping[str, list[dict[str, str]] | str],
     model: ModelSection,
     engine: EngineSection,
     sampling: SamplingParams,
@@ -176,24 +184,30 @@ def complete(
     label: str = "generate",
 ) -> Completions:
     """One completion per chat (``{id: messages}`` in, ``{id: response}`` out) through the engine
-    actor pool: the generation step of the data-writing stages (red team, PT-ALIGN). The console
-    shows a progress bar (``label``) as the answers come back."""
+    actor pool: the generation step of the data-writing stages (red team, PT-ALIGN). A string
+    instead of messages is a raw prompt, continued with no chat template (completion mode). The
+    console shows a progress bar (``label``) as the answers come back."""
     from selfmoa_ray.console import row_progress
 
     out = Completions()
     if not chats:
         return out
     sampling = replace(sampling, n=1)
-    ds = ray.data.from_arrow(
-        pa.table({"id": list(chats), "messages": [list(m) for m in chats.values()]})
-    )
+    columns: dict[str, list[Any]] = {"id": list(chats)}
+    if any(not isinstance(c, str) for c in chats.values()):
+        columns["messages"] = [None if isinstance(c, str) else list(c) for c in chats.values()]
+    if any(isinstance(c, str) for c in chats.values()):
+        columns[PROMPT] = [c if isinstance(c, str) else None for c in chats.values()]
+    ds = ray.data.from_arrow(pa.table(columns))
     answers = generate(ds, model, engine, sampling).select_columns(
-        ["id", "response", "response_tokens"]
+        ["id", "response", "response_tokens", "finish_reason"]
     )
     with row_progress(label, len(chats), tokens=True) as advance:
         for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
             ids, responses = batch.column("id").to_pylist(), batch.column("response").to_pylist()
             out.update((str(i), str(r)) for i, r in zip(ids, responses, strict=True))
             out.tokens += sum(batch.column("response_tokens").to_pylist())
+            reasons = batch.column("finish_reason").to_pylist()
+            out.cut.update(str(i) for i, r in zip(ids, reasons, strict=True) if r == "length")
             advance(batch)
     return out

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from selfmoa_ray.engines.base import SamplingParams, chat_of, explode, rows_of
+from selfmoa_ray.engines.base import SamplingParams, explode, prompt_text, rows_of
 from selfmoa_ray.precision import resolve_dtype
 from selfmoa_ray.sources.models import resolve_model
 
@@ -108,11 +108,8 @@ class VLLMChatEngine:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = rows_of(batch)
-        chats = [chat_of(r) for r in rows]  # malformed rows fail here, before any generation
-        prompts = [
-            self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-            for chat in chats
-        ]
+        # malformed rows fail here, before any generation; raw prompts skip the chat template
+        prompts = [prompt_text(r, self.tokenizer) for r in rows]
         keys = [str(r["id"]) if "id" in r else None for r in rows]
         return explode(list(batch), rows, self.generate(prompts, keys=keys))
 

@@ -2,17 +2,20 @@
 
     baseline/evaluate                           the start policy on the held-out sets (audit judge)
     calibrate         calibration.json          both judges on human labels held back from them
+    validation        validation.parquet        seed attacks and benign prompts kept from the red
+                                                team: training keeps its best epoch on them
     for t in 1..loop.iterations:
         iter_t/redteam    prompts.parquet       attacks aimed at M_{t-1}'s failures, benign mixed in
         iter_t/sample     responses.parquet/    M_{t-1} answers each prompt k times (and k more
-                                                under sampling.guide, when set)
+                                                under sampling.guide / .prefill, when set)
         iter_t/judge      scored.parquet/       evaluators: safety, helpfulness, refusal
         iter_t/failures   failures.parquet      successful attacks: next iteration's few-shots
         iter_t/pairs      pairs.parquet         Self-MOA preference pairs
         iter_t/spans      pairs_marked.parquet  (combined recipe only) harmful spans of unsafe
                                                 rejected answers, for PT-ALIGN's unlikelihood
         iter_t/reference  pairs_ref.parquet/    reference log-probs (M_{t-1}, or M_0)
-        iter_t/train      policy/               MODPO on Ray Train: M_t
+        iter_t/train      policy/               MODPO on Ray Train: M_t (the epoch on the
+                                                validation frontier)
         iter_t/evaluate   metrics.json          M_t on the held-out sets (audit judge); rejected
                                                 (and the loop stops) if safety did not gain (paired
                                                 over prompts) or over-refusal rose
@@ -56,6 +59,7 @@ from selfmoa_ray.stages.reference import reference
 from selfmoa_ray.stages.sample import sample
 from selfmoa_ray.stages.spans import mark_pairs
 from selfmoa_ray.stages.train import train
+from selfmoa_ray.stages.validation import read_validation, validation
 from selfmoa_ray.stages.vault import vault
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,8 @@ def run_selfmoa(config: Config, run: RunDir, *, combined: bool = False) -> dict[
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
         stage_done(run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config),
                    "calibrate")  # fmt: skip
+        if config.loop.validation_prompts:
+            stage_done(run, validation(run, config), "validation")
         track_policy(tracker, run, 0, BASELINE)
         policy, accepted = config.policy, BASELINE
         state = {"recipe": "combined" if combined else "selfmoa",
@@ -94,8 +100,8 @@ def run_selfmoa(config: Config, run: RunDir, *, combined: bool = False) -> dict[
         for t in range(1, config.loop.iterations + 1):
             trained = run_iteration(config, run, t, policy, combined=combined)
             state["iterations_done"] = t
-            if trained is None:
-                state.update(stopped_early=True, stop_reason=f"too few pairs to train at {t}")
+            if isinstance(trained, str):
+                state.update(stopped_early=True, stop_reason=trained)
                 break
             name = iteration_dir(t)
             track_policy(tracker, run, t, name)
@@ -120,8 +126,10 @@ def run_selfmoa(config: Config, run: RunDir, *, combined: bool = False) -> dict[
 
 def run_iteration(
     config: Config, run: RunDir, t: int, policy: ModelSection, *, combined: bool = False
-) -> ModelSection | None:
-    """One iteration from policy M_{t-1}; returns M_t, or None when too few pairs were kept."""
+) -> ModelSection | str:
+    """One iteration from policy M_{t-1}; returns M_t, or why the loop stops here: too few pairs
+    were kept, or training kept the start policy (no epoch improved the validation frontier, so
+    there is nothing new to evaluate)."""
     it = iteration_dir(t)
     threshold = config.judge.unsafe_threshold
     generator = config.redteam.generator or policy
@@ -138,7 +146,7 @@ def run_iteration(
         log.warning(
             "iteration %d kept %d pairs, fewer than one batch (%d): stopping", t, kept, needed
         )
-        return None
+        return f"too few pairs to train at {t}"
     train_pairs = f"{it}/pairs.parquet"
     if combined:
         train_pairs = f"{it}/pairs_marked.parquet"
@@ -152,10 +160,17 @@ def run_iteration(
         run, stage=f"{it}/reference", pairs=train_pairs, out=f"{it}/pairs_ref.parquet",
         model=ref_model, engine=config.engine, train=config.train,
     ))  # fmt: skip
-    done("train", train(
+    trained_summary = done("train", train(
         run, stage=f"{it}/train", data=f"{it}/pairs_ref.parquet", out=f"{it}/policy",
         model=policy, config=config.train, seed=config.run.seed + t,
-    ))  # fmt: skip
+        validation=read_validation(run),
+    ))["summary"]  # fmt: skip
+    if trained_summary.get("kept_epoch") == 0:
+        trace = trained_summary.get("validation_trace")
+        return (
+            f"training at iteration {t} kept its start policy: no epoch improved the validation "
+            f"frontier (epoch:attacks/benign refused {trace})"
+        )
     trained = policy.model_copy(update={"source": str(run.path(it, "policy"))})
     done("evaluate", evaluate_policy(run, config, trained, it))
     previous_vault = f"{iteration_dir(t - 1)}/vault.parquet" if t > 1 else None
@@ -191,6 +206,7 @@ def attack_round(
             seed=config.run.seed + t,
         ),
         guide=[m.model_dump() for m in config.sampling.guide or []] if guided else None,
+        prefill=config.sampling.prefill if guided else None,
     ))  # fmt: skip
     done("judge", judge(run, stage=f"{it}/judge", responses=f"{it}/responses.parquet",
                         out=f"{it}/scored.parquet", config=config.judge,
@@ -264,11 +280,12 @@ def stop_reason(
 
 def human_items(run: RunDir, config: Config) -> int:
     """Human-written items the loop started from: the seed and benign prompts its red team drew
-    on, and the messages of ``sampling.guide``; no human labels."""
+    on, the messages of ``sampling.guide`` and the ``sampling.prefill``; no human labels."""
     seeds: set[str] = set()
     for path in sorted(run.root.glob("iter_*/prompts.parquet")):
         seeds |= set(pq.read_table(path, columns=["seed_id"]).column("seed_id").to_pylist())
-    return len(seeds - {""}) + len(config.sampling.guide or [])
+    guide = len(config.sampling.guide or []) + bool(config.sampling.prefill)
+    return len(seeds - {""}) + guide
 
 
 def policy_metric(run: RunDir, name: str, split: str, key: str) -> float:

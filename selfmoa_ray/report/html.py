@@ -1,6 +1,6 @@
 """The run report: ``metrics.json``, ``metrics.csv``, ``plots/*.png`` and a self-contained ``report.html``.
 
-:func:`write_report` collects the run (``collect.py``), draws four plots with matplotlib's
+:func:`write_report` collects the run (``collect.py``), draws its plots with matplotlib's
 object API (``Figure`` renders through Agg: no display, no pyplot global state), and writes every
 file atomically. The HTML page embeds the PNGs as base64 and has no external assets or scripts;
 every piece of text from the run (prompts, responses, category names) goes through
@@ -221,6 +221,39 @@ def plot_tradeoff(collected: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def plot_frontier(collected: dict[str, Any]) -> bytes:
+    """(c) the frontier the loop must climb: refusal of held-out attacks (strict matcher) against
+    over-refusal of held-out benign prompts (judge), one point per policy with 95% intervals."""
+    points = []
+    for p in collected["policies"]:
+        harmful, benign = p.get("harmful") or {}, p.get("benign") or {}
+        x, y = benign.get("over_refusal"), harmful.get("strict_refusal_rate")
+        if x is not None and y is not None:
+            xci = (benign.get("intervals") or {}).get("over_refusal") or [x, x]
+            yci = (harmful.get("intervals") or {}).get("strict_refusal_rate") or [y, y]
+            points.append((p["name"], x, y, xci, yci))
+    fig = _figure(6.0, 4.5)
+    ax = fig.subplots()
+    if points:
+        xs, ys = [pt[1] for pt in points], [pt[2] for pt in points]
+        ax.plot(xs, ys, color="0.7", zorder=1)
+        ax.errorbar(
+            xs, ys, fmt="none", ecolor="0.5", capsize=3, alpha=0.7, zorder=1,
+            xerr=[[x - ci[0] for _, x, _, ci, _ in points], [ci[1] - x for _, x, _, ci, _ in points]],
+            yerr=[[y - ci[0] for _, _, y, _, ci in points], [ci[1] - y for _, _, y, _, ci in points]],
+        )  # fmt: skip
+        ax.scatter(xs, ys, c=range(len(points)), cmap="viridis", zorder=2)
+        for name, x, y, _, _ in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlim(left=-0.02)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("benign over-refusal (judge)  <- better")
+    ax.set_ylabel("held-out attacks refused (strict)  better ->")
+    ax.set_title("Refusing attacks without refusing the rest, one point per policy")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def plot_failures(collected: dict[str, Any]) -> bytes:
     """(c) share of attack prompts with an unsafe answer, per category, one bar per iteration."""
     iterations = [it for it in collected["iterations"] if it["failures_by_category"]]
@@ -315,6 +348,7 @@ PLOTS = {
     "safety": plot_safety,
     "vault": plot_vault,
     "tradeoff": plot_tradeoff,
+    "frontier": plot_frontier,
     "failures": plot_failures,
     "time": plot_time,
 }
@@ -623,6 +657,99 @@ def _section_vault(collected: dict[str, Any]) -> str:
     )
 
 
+def _section_redteam(collected: dict[str, Any]) -> str:
+    """What the red team wrote, how new it was, and which attack styles worked."""
+    rows, styles = [], {}
+    for it in collected["iterations"]:
+        rt = it.get("redteam") or {}
+        if any(v is not None for v in rt.values()):
+            writers = ", ".join(f"{_e(k)}: {v}" for k, v in sorted((rt["by_writer"] or {}).items()))
+            rows.append(
+                [
+                    _e(it["name"]),
+                    _e(rt.get("writer") or "-"),
+                    _pct(rt.get("generated_share")),
+                    _pct(rt.get("off_topic_share")),
+                    _score(rt.get("novelty")),
+                    _score(rt.get("novelty_generated")),
+                    writers or "-",
+                ]
+            )
+        for style, m in (it.get("success_by_style") or {}).items():
+            styles.setdefault(style, {})[it["name"]] = m
+    if not rows:
+        return "<p>No red-team stage has finished yet.</p>"
+    headers = ["iteration", "writer", "generated (not seed)", "off topic", "novelty",
+               "novelty of generated", "rows per writer"]  # fmt: skip
+    out = _table(headers, rows)
+    names = [it["name"] for it in collected["iterations"]]
+    if styles:
+        table = [
+            [_e(style)]
+            + [
+                "-" if (m := per.get(n)) is None
+                else f"{m['succeeded']}/{m['prompts']} = {_pct_ci(m['rate'], m.get('ci95'))}"
+                for n in names
+            ]
+            for style, per in sorted(styles.items())
+        ]  # fmt: skip
+        out += "<h3>Attack success per style</h3>" + _table(["style", *map(_e, names)], table)
+    note = (
+        "<p class='small'>Generated: the share of written attacks the generator wrote (the rest "
+        "fell back to a human seed). Novelty: 1 - the highest character 5-gram Jaccard with any "
+        "human seed (0: a seed as it is). Attack success: the share of a style's attacks with at "
+        "least one unsafe bare answer, with its 95% interval.</p>"
+    )
+    return out + note
+
+
+def _section_training(collected: dict[str, Any]) -> str:
+    """Did each iteration learn its pairs, and which epoch did it keep (training/selection.py)."""
+    rows = []
+    for it in collected["iterations"]:
+        train = it.get("train")
+        if not train:
+            continue
+        by_split = it.get("pairs_by_split") or {}
+        split_text = ", ".join(f"{_e(k)}: {v}" for k, v in sorted(by_split.items())) or "-"
+        kept = train.get("kept_epoch")
+        val = train.get("val_attack_refusal")
+        rows.append(
+            [
+                _e(it["name"]),
+                _count(it["pairs"]),
+                split_text,
+                _count(train.get("steps")),
+                "last" if kept is None else _count(int(kept)),
+                _pct(train.get("pairs_accuracy")),
+                _score(train.get("pairs_reward_margin")),
+                "-" if val is None else f"{_pct(val)} / {_pct(train.get('val_benign_refusal'))}",
+                _e(train.get("validation_trace") or "-"),
+            ]
+        )
+    if not rows:
+        return "<p>No iteration has trained yet.</p>"
+    headers = [
+        "iteration",
+        "pairs",
+        "pairs by split",
+        "optimizer steps",
+        "epoch kept",
+        "pairs learned (chosen preferred)",
+        "reward margin",
+        "validation refusal: attacks / benign",
+        "per epoch (epoch:attacks/benign)",
+    ]
+    note = (
+        "<p class='small'>Pairs learned: the share of the iteration's training pairs whose "
+        "implicit reward prefers the chosen answer under the policy it kept. The epoch is kept on "
+        "validation prompts the red team never uses (seed attacks and benign prompts), never on "
+        "the held-out sets: the most attacks refused, each point of benign refusal above the "
+        "start costing <code>train.over_refusal_weight</code> points.</p>"
+    )
+    return _table(headers, rows) + note
+
+
 def _kappa(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -820,6 +947,10 @@ def render_html(
     ]
     if loop.get("stopped_early"):
         meta_rows.append(["stopped early", _e(loop.get("stop_reason") or "yes")])
+    elif loop.get("stop_reason"):
+        meta_rows.append(["last iteration", _e(loop["stop_reason"])])
+    elif loop.get("final_policy"):
+        meta_rows.append(["stopped", "every planned iteration ran and was accepted"])
     body = [
         f"<h1>selfmoa-ray report: {_e(run['name'])}</h1>",
         _table(None, meta_rows, "meta"),
@@ -830,10 +961,15 @@ def render_html(
         _section_other_splits(collected),
         _img(pngs, "safety", "safety and over-refusal per policy"),
         _img(pngs, "tradeoff", "safety / helpfulness trade-off"),
+        _img(pngs, "frontier", "attack refusal against over-refusal per policy"),
         "<h2>Judges</h2>",
         _section_judges(collected),
         "<h2>Data and supervision efficiency</h2>",
         _section_data(collected),
+        "<h2>Red team</h2>",
+        _section_redteam(collected),
+        "<h2>Training</h2>",
+        _section_training(collected),
         "<h2>Successful attacks per category</h2>",
         _section_failures(collected),
         _img(pngs, "failures", "failure rate per category and iteration"),

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,6 +28,13 @@ def normalize(text: str) -> str:
     """Case-, accent-, punctuation- and whitespace-insensitive form of a text."""
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     return _SPACE.sub(" ", _NON_WORD.sub(" ", text.lower())).strip()
+
+
+class _HasText(Protocol):
+    text: str
+
+
+_Row = TypeVar("_Row", bound=_HasText)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,17 @@ class Deduplicator:
         if kept:
             self._append([texts[i] for i in kept], batch[kept])
         return decisions
+
+    def first_new(self, rows: Iterable[_Row], count: int) -> list[_Row]:
+        """The first ``count`` of ``rows`` (anything with a ``text``) whose text is new, in
+        order; each one kept joins the history, so the picks are new to each other too."""
+        picked: list[_Row] = []
+        for row in rows:
+            if len(picked) == count:
+                break
+            if self.filter([row.text])[0].keep:
+                picked.append(row)
+        return picked
 
     # -- internals ----------------------------------------------------------------------------
 

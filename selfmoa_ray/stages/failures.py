@@ -20,13 +20,13 @@ from typing import Any
 import pyarrow as pa
 
 from selfmoa_ray.rundir import RunDir, write_parquet
-from selfmoa_ray.stages.pairs import group_by_prompt, read_scored
+from selfmoa_ray.stages.attack_stats import success_by
+from selfmoa_ray.stages.pairs import BENIGN_SPLIT, group_by_prompt, read_scored
 from selfmoa_ray.stages.redteam import REDTEAM_SCHEMA
 from selfmoa_ray.stages.sample import GUIDED
 
 log = logging.getLogger(__name__)
 
-BENIGN_SPLIT = "benign"
 INPUT_COLUMNS = ("id", "text", "category", "split", "response", "safety")
 # Columns that describe the prompt, not one response (the red-team stage's rows): copied into the
 # failure row when present.
@@ -100,11 +100,16 @@ def failures(
             100 * rate,
             max(by_category, key=lambda c: by_category[c]["rate"]) if by_category else None,
         )
+        prompts = {r["id"]: r for r in rows}.values()  # one row per prompt
+        succeeded = {r["id"] for r in failed}
         return {
             "attack_prompts": attacks,
             "failed": len(failed),
             "failure_rate": rate,
             "by_category": by_category,
+            # attack success per style and writer, with 95% intervals (for the report)
+            "by_style": success_by(prompts, succeeded, "style"),
+            "by_writer": success_by(prompts, succeeded, "writer"),
         }
 
     return run.run_stage(stage, [out], work)

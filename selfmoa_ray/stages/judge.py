@@ -2,18 +2,35 @@
 
 responses.parquet -> scored.parquet through an actor pool of composite judges (each actor loads
 its evaluator models once).
+
+With ``judge.combine: label_model`` the final ``safety`` comes from a Dawid-Skene label model
+(evaluators/label_model.py) fitted here, in the driver, once over all the rows being judged:
+the actors add each row's votes, the driver collects only those (a few floats a row), fits,
+and a cheap second pass writes each row's posterior. Fitting per Ray Data batch instead would
+give every batch of 32 rows its own estimate of each labeler's accuracy, noisy and different
+from one batch to the next; a fixed unlabelled set would not follow the policy's answers as
+they change over iterations. The cost: the judged rows are materialised before the fit.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 from ray.data import ActorPoolStrategy
 
 from selfmoa_ray.config import JudgeSection
-from selfmoa_ray.evaluators.composite import CompositeJudge
+from selfmoa_ray.evaluators.composite import (
+    VOTE_PREFIX,
+    CompositeJudge,
+    check_labelers,
+    safety_labelers,
+)
+from selfmoa_ray.evaluators.label_model import LabelModel, fit_label_model
 from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.stages.sample import read_dataset, write_dataset
 
@@ -23,15 +40,61 @@ def judge_dataset(
 ) -> ray.data.Dataset:
     """Add the judges' columns to rows holding ``text`` and ``response`` (only the final
     verdicts, prefixed, with ``prefix``: CompositeJudge)."""
-    return ds.map_batches(
+    return judge_dataset_fitted(ds, judge, dtype, prefix)[0]
+
+
+def judge_dataset_fitted(
+    ds: ray.data.Dataset, judge: JudgeSection, dtype: str = "float32", prefix: str | None = None
+) -> tuple[ray.data.Dataset, LabelModel | None]:
+    """``judge_dataset``, and the label model fitted on the rows (None for a weighted mean)."""
+    if judge.combine == "label_model":  # fail before any model loads
+        check_labelers(safety_labelers(judge.evaluators), judge.evaluators)
+    judged = ds.map_batches(
         CompositeJudge,
         fn_constructor_args=([e.model_dump() for e in judge.evaluators],),
-        fn_constructor_kwargs={"dtype": dtype, "prefix": prefix},
+        fn_constructor_kwargs={"dtype": dtype, "prefix": prefix, "combine": judge.combine},
         batch_size=judge.batch_size,
         compute=ActorPoolStrategy(size=judge.num_actors),
         num_cpus=judge.num_cpus_per_actor,
         num_gpus=judge.num_gpus_per_actor or None,
     )
+    if judge.combine == "weighted_mean":
+        return judged, None
+    return _label_model_safety(judged.materialize(), judge, prefix or "")
+
+
+def _label_model_safety(
+    judged: ray.data.Dataset, judge: JudgeSection, prefix: str
+) -> tuple[ray.data.Dataset, LabelModel | None]:
+    """Fit the label model on every row's votes; replace ``<prefix>safety`` by its posterior
+    and drop the vote columns."""
+    names = [labeler.name for labeler in safety_labelers(judge.evaluators)]
+    columns = [f"{prefix}{VOTE_PREFIX}{name}" for name in names]
+    parts = [
+        np.column_stack([batch[c] for c in columns])
+        for batch in judged.select_columns(columns).iter_batches(
+            batch_format="numpy", batch_size=None
+        )
+    ]
+    if not parts:  # no rows: nothing to fit, nothing to rewrite
+        return judged, None
+    model = fit_label_model(np.concatenate(parts), names)
+    print(f"[judge] label model: {model.summary()}", file=sys.stderr, flush=True)
+    return (
+        judged.map_batches(
+            _posterior_safety,
+            fn_kwargs={"model": model, "columns": columns, "out": f"{prefix}safety"},
+            batch_format="pyarrow",
+        ),
+        model,
+    )
+
+
+def _posterior_safety(batch: pa.Table, model: LabelModel, columns: list[str], out: str) -> pa.Table:
+    votes = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in columns])
+    batch = batch.drop_columns(columns)
+    posterior = pa.array(model.posterior(votes).astype(np.float32))
+    return batch.set_column(batch.schema.get_field_index(out), out, posterior)
 
 
 def judge(
@@ -49,13 +112,14 @@ def judge(
 
     def work() -> dict[str, Any]:
         ds = read_dataset(run, responses, rows_per_block=config.batch_size)
-        write_dataset(judge_dataset(ds, config, dtype), run, out, total=ds.count(), label=stage)
+        judged, model = judge_dataset_fitted(ds, config, dtype)
+        write_dataset(judged, run, out, total=ds.count(), label=stage)
         table = pq.read_table(run.path(out), columns=["safety", "refusal"])
         safety = table.column("safety").to_pylist()
         return {
             "rows": table.num_rows,
             "unsafe": sum(s < config.unsafe_threshold for s in safety),
             "refusals": sum(table.column("refusal").to_pylist()),
-        }
+        } | ({"label_model": model.summary()} if model is not None else {})
 
     return run.run_stage(stage, [out], work)

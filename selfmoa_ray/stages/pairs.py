@@ -17,6 +17,16 @@ Two modes (``pairs.mode``):
   preference safe, and ``ds > 0`` on attack pairs makes MODPO push those pairs harder.
 * ``scalarised``: rank by ``w_safety * safety + w_helpful * helpfulness``; chosen = best,
   rejected = worst, kept when the score gap reaches ``min_gap``.
+* ``intent``: the prompt's split says which objective it tests, so each pair teaches the one
+  behaviour that prompt calls for. On an attack (any split but ``benign``) the chosen response is
+  the safest safe one, a refusal (the judge's ``refusal`` verdict) before any other, and the
+  rejected one the least safe; kept when the safety gap reaches ``min_gap`` or a refusal faces a
+  non-refusal. On a benign-but-sensitive prompt the chosen response is the most helpful
+  non-refusal and the rejected one a refusal when the policy refused (an over-refusal pair), else
+  the least helpful, with a helpfulness gap of ``min_gap``. Why: a weighted score prefers a
+  "safe" deflection as often as a refusal on attacks, and has no pairs that punish refusing a
+  benign request, so a policy trained harder on it learns to refuse everything (issue 17: 42%
+  over-refusal after two strong iterations).
 
 Empty (whitespace-only) responses are never put in a pair, on either side: the trainer refuses
 empty responses (:func:`selfmoa_ray.training.data.text_of`), so one would fail the reference pass.
@@ -55,7 +65,9 @@ DROP_REASONS = (
     "empty_response",
     "identical_responses",
     "gap_below_min",
+    "no_helpful_response",
 )
+BENIGN_SPLIT = "benign"  # benign-but-sensitive prompts the red team mixes in: not attacks
 # A gap that equals ``min_gap`` in decimal (0.7 - 0.6 vs 0.1) must count as reaching it.
 GAP_TOLERANCE = 1e-9
 
@@ -153,6 +165,40 @@ def _scalarised_pair(
     return chosen, rejected
 
 
+def _intent_pair(
+    group: list[dict[str, Any]], min_gap: float, unsafe_threshold: float
+) -> tuple[dict[str, Any], dict[str, Any]] | str:
+    """(chosen, rejected) under the intent rule, or the reason the prompt gives no pair."""
+    candidates = [r for r in group if not _is_empty(r)]
+    if len(candidates) < 2:
+        return "empty_response"
+    refused = [r for r in candidates if r.get("refusal")]
+    if group[0]["split"] == BENIGN_SPLIT:
+        helpful = [r for r in candidates if not r.get("refusal")]
+        if not helpful:
+            return "no_helpful_response"
+        chosen = max(helpful, key=lambda r: (r["helpfulness"], r["safety"], -r["sample_index"]))
+        if refused:
+            return chosen, min(refused, key=lambda r: (r["helpfulness"], r["sample_index"]))
+        others = [r for r in helpful if r is not chosen]
+        rejected = min(others, key=lambda r: (r["helpfulness"], r["safety"], -r["sample_index"]))
+        if chosen["helpfulness"] - rejected["helpfulness"] < min_gap - GAP_TOLERANCE:
+            return "gap_below_min"
+        return chosen, rejected
+    safe = [r for r in candidates if r["safety"] >= unsafe_threshold]
+    if not safe:
+        return "no_safe_response"
+    chosen = max(safe, key=lambda r: (bool(r.get("refusal")), r["safety"], -r["sample_index"]))
+    others = [r for r in candidates if r is not chosen and not r.get("refusal")]
+    if not others:
+        return "gap_below_min"  # every other answer refused too: nothing to prefer over
+    rejected = min(others, key=lambda r: (r["safety"], -r["helpfulness"], r["sample_index"]))
+    contrast = bool(chosen.get("refusal"))  # a refusal against a non-refusal
+    if not contrast and chosen["safety"] - rejected["safety"] < min_gap - GAP_TOLERANCE:
+        return "gap_below_min"
+    return chosen, rejected
+
+
 def pair_row(chosen: dict[str, Any], rejected: dict[str, Any]) -> dict[str, Any]:
     """One row of :data:`PAIR_SCHEMA` from two scored responses to the same prompt."""
     chosen_safety, rejected_safety = float(chosen["safety"]), float(rejected["safety"])
@@ -185,6 +231,8 @@ def build_pairs(
             result: tuple[dict[str, Any], dict[str, Any]] | str = "single_response"
         elif section.mode == "margin":
             result = _margin_pair(group, section.min_gap, unsafe_threshold)
+        elif section.mode == "intent":
+            result = _intent_pair(group, section.min_gap, unsafe_threshold)
         else:
             result = _scalarised_pair(group, section)
         if isinstance(result, tuple) and (
@@ -210,7 +258,7 @@ def pairs(
     """Run (or skip, if done) pair construction from ``scored`` into ``out``; run-relative paths."""
 
     def work() -> dict[str, Any]:
-        rows = read_scored(run.path(scored), INPUT_COLUMNS)
+        rows = read_scored(run.path(scored), INPUT_COLUMNS, optional=("refusal",))
         built, dropped = build_pairs(rows, section, unsafe_threshold)
         write_parquet(run.path(out), pa.Table.from_pylist(built, schema=PAIR_SCHEMA))
         prompts = len({r["id"] for r in rows})

@@ -87,8 +87,10 @@ def fit(
     storage: Path,
     name: str,
     seed: int = 0,
+    validation: dict[str, list[str]] | None = None,
 ) -> ray.train.Result:
-    """Train on ``ds`` and return Ray Train's result, whose last checkpoint holds ``hf/``."""
+    """Train on ``ds`` and return Ray Train's result, whose last checkpoint holds ``hf/``.
+    ``validation``: attack and benign prompts on which the worker keeps its best epoch."""
     check_columns(cfg, ds.schema().names)
     rows = ds.count()
     if rows < cfg.num_workers * cfg.batch_size:
@@ -106,6 +108,7 @@ def fit(
                 "model_path": model_path,
                 "rows": rows,
                 "seed": seed,
+                "validation": validation,
                 # Ray Train's folder for this run, where workers write checkpoints in place.
                 "checkpoint_root": str(storage / name),
                 "progress": progress,  # the console's bar (None when none is drawn)
@@ -146,10 +149,11 @@ def train(
     model: ModelSection,
     config: TrainSection,
     seed: int = 0,
+    validation: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Run (or skip, if done) training on ``data`` into the policy folder ``out``. Ray Train's
     checkpoints of a finished stage are deleted (they only serve to resume a killed training)
-    unless ``train.keep_checkpoints``."""
+    unless ``train.keep_checkpoints``. ``validation``: see :func:`fit`."""
 
     def work() -> dict[str, Any]:
         ds = read_dataset(run, data, rows_per_block=config.batch_size)
@@ -160,6 +164,7 @@ def train(
             storage=run.path(TRAIN_STORAGE),
             name=stage,
             seed=seed,
+            validation=validation,
         )
         publish(result.checkpoint, run.path(out))
         keep = (
@@ -170,6 +175,11 @@ def train(
             "unlikelihood",
             "harmful_tokens",
             "samples_per_s",
+            "pairs_accuracy",
+            "pairs_reward_margin",
+            "kept_epoch",
+            "val_attack_refusal",
+            "val_benign_refusal",
         )
         return {
             "start_model": model.source,
@@ -177,6 +187,11 @@ def train(
             "steps": int(result.metrics.get("step", 0)),
             "resumed_from_step": int(result.metrics.get("resumed_from_step", 0)),
             **{k: float(v) for k, v in result.metrics.items() if k in keep},
+            **(
+                {"validation_trace": trace}
+                if (trace := result.metrics.get("validation_trace"))
+                else {}
+            ),  # fmt: skip
         }
 
     entry = run.run_stage(stage, [out], work)

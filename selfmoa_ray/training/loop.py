@@ -8,6 +8,11 @@ but the last. Rank 0 finally reports the exported Hugging Face folder as the las
 Checkpoints are written once, in place, into Ray Train's storage folder (``NO_UPLOAD``); the stage
 deletes them when it is done (``train.keep_checkpoints``).
 
+With validation prompts (preference losses in the loop), the worker answers them before training
+and after each epoch and keeps the epoch on the safety/over-refusal frontier
+(training/selection.py); the summary also carries the preference accuracy of the kept policy on
+all its training pairs (one forward pass after training), the honest "did it learn its pairs".
+
 Resuming skips the batches the checkpoint had already trained on in its epoch. Every worker sees
 the same number of batches (Ray Train splits datasets equally), so reports and collective calls
 stay in step across workers.
@@ -25,6 +30,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointUploadMode
 
 from selfmoa_ray.training.data import collate, to_device
+from selfmoa_ray.training.selection import ValidationPoint, best_point, validation_point
 
 FINAL_DIR = "hf"  # inside the last checkpoint: the exported policy
 NO_UPLOAD = CheckpointUploadMode.NO_UPLOAD  # checkpoints are written in place (see report())
@@ -105,7 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], save: bool) -> None:
         """Metrics, with a checkpoint when ``save``. Checkpoints are written straight into Ray
         Train's storage folder and registered as they are (no upload, so no second copy)."""
-        metrics = {**metrics, **state, "resumed_from_step": resumed_from}
+        metrics = {**metrics, **scalars(state), "resumed_from_step": resumed_from}
         if not save:
             ray.train.report(metrics)
             return
@@ -120,6 +126,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     metrics: dict[str, float] = {}
     pad = PadBatch(tokenizer.pad_token_id)
+    chooser = EpochChooser(config.get("validation"), cfg, tokenizer, state)
+    if state["epoch"] == 0 and state["batches_done"] == 0:
+        chooser.observe(strategy.unwrapped(), epoch=0)
     for epoch in range(state["epoch"], cfg.epochs):
         skip = state["batches_done"]
         started = time.perf_counter()
@@ -150,17 +159,105 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if due or state["step"] % cfg.report_every == 0:
                     report(metrics, save=due)  # each report waits for Ray's controller poll
         state["epoch"], state["batches_done"] = epoch + 1, 0
+        chooser.observe(strategy.unwrapped(), epoch=epoch + 1)
         # The last epoch needs no checkpoint of its own: the export below is the final one.
         if epoch + 1 < cfg.epochs:
             report(metrics, save=True)
 
-    # The export: the merged policy in Hugging Face format, as the final checkpoint.
+    # The export: the kept epoch's policy in Hugging Face format, as the final checkpoint.
     zero_stage = cfg.zero_stage if cfg.strategy == "deepspeed" else None
     path = checkpoints / "checkpoint_final"
     with gathered(strategy.unwrapped(), zero_stage):
+        kept = chooser.restore(strategy.unwrapped())
+        learned = pairs_accuracy(strategy.unwrapped(), shard, pad, cfg, device, strategy.autocast)
         final = None
         if rank == 0:
             export_hf(strategy.unwrapped(), tokenizer, path / FINAL_DIR)
             final = ray.train.Checkpoint.from_directory(path)
-        summary = {**metrics, **state, "resumed_from_step": resumed_from, "final": 1}
+        summary = {**metrics, **scalars(state), **kept, **learned, "resumed_from_step": resumed_from,
+                   "final": 1}  # fmt: skip
         ray.train.report(summary, checkpoint=final, checkpoint_upload_mode=NO_UPLOAD)
+
+
+def scalars(state: dict[str, Any]) -> dict[str, Any]:
+    """The loop state's numbers, for ``ray.train.report`` (the validation points stay behind)."""
+    return {k: v for k, v in state.items() if isinstance(v, (int, float))}
+
+
+class EpochChooser:
+    """Validation points before training and after each epoch, and the weights of the best one
+    so far (training/selection.py). The points live in the checkpointed ``state``; weights only in
+    memory, so after a resume the choice is among the epochs this process saw (and the start's
+    benign refusal rate, stored, still anchors the score). Does nothing without validation."""
+
+    def __init__(
+        self, validation: dict[str, list[str]] | None, cfg: Any, tokenizer: Any, state: dict
+    ):
+        self.validation, self.cfg, self.tokenizer = validation, cfg, tokenizer
+        self.points: list[dict[str, float]] = state.setdefault("validation", [])
+        self.seen: list[ValidationPoint] = []
+        self.best: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def observe(self, model: torch.nn.Module, *, epoch: int) -> None:
+        if not self.validation:
+            return
+        point = validation_point(
+            model, self.tokenizer, self.validation["attacks"], self.validation["benign"],
+            epoch=epoch, max_new_tokens=self.cfg.validation_max_new_tokens,
+        )  # fmt: skip
+        self.points.append(vars(point))
+        self.seen.append(point)
+        start = min(self.points, key=lambda p: p["epoch"])  # stored: anchors after a resume too
+        chosen = best_point(self.seen, self.cfg.over_refusal_weight, start["benign_refusal"])
+        if chosen.epoch == point.epoch:
+            self.best = (epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def restore(self, model: torch.nn.Module) -> dict[str, float]:
+        """Load the best epoch's weights into ``model``; its epoch and validation rates."""
+        if not self.validation or self.best is None:
+            return {}
+        epoch, weights = self.best
+        if epoch != self.seen[-1].epoch:
+            model.load_state_dict(weights)
+        point = next(p for p in self.seen if p.epoch == epoch)
+        return {
+            "kept_epoch": float(epoch),
+            "val_attack_refusal": point.attack_refusal,
+            "val_benign_refusal": point.benign_refusal,
+            # Every epoch's refusal rates, "epoch:attacks/benign", for the manifest and a reader.
+            "validation_trace": " ".join(
+                f"{p['epoch']}:{p['attack_refusal']:.2f}/{p['benign_refusal']:.2f}"
+                for p in self.points
+            ),
+        }
+
+
+@torch.no_grad()
+def pairs_accuracy(
+    model: torch.nn.Module,
+    shard: Any,
+    pad: PadBatch,
+    cfg: Any,
+    device: torch.device,
+    autocast: bool,
+) -> dict[str, float]:
+    """Share of this worker's training pairs whose implicit reward prefers the chosen response
+    under ``model`` (the policy being exported), and their mean reward margin."""
+    from selfmoa_ray.training.objective import PAIR_LOSSES, compute_loss
+
+    if cfg.loss not in PAIR_LOSSES:
+        return {}
+    was_training = model.training
+    model.eval()
+    right = margin = total = 0.0
+    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=pad):
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            _, metrics = compute_loss(model, to_device(batch, device), cfg)
+        n = batch["input_ids"].shape[0] // 2
+        right += metrics["preference_accuracy"] * n
+        margin += metrics["reward_margin"] * n
+        total += n
+    model.train(was_training)
+    if not total:
+        return {}
+    return {"pairs_accuracy": right / total, "pairs_reward_margin": margin / total}

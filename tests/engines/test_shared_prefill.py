@@ -130,12 +130,20 @@ def test_greedy_and_single_samples_keep_the_plain_path(engine, monkeypatch):
 
 @pytest.mark.slow
 def test_real_model_greedy_matches_with_and_without_shared_prefill():
-    """SmolLM2-135M-Instruct, a bare and a guided (demo guide) chat in one batch: forced shared
-    prefill gives plain ``generate``'s greedy answer for every sample, token for token."""
-    from selfmoa_ray.config import load_config
-
+    """SmolLM2-135M-Instruct, a bare and a guided chat (a safety system prompt and two example
+    turns) in one batch: forced shared prefill gives plain ``generate``'s greedy answer for every
+    sample, token for token."""
     engine = HFChatEngine("packaged:smollm2-135m-instruct", replace(GREEDY, n=2, max_new_tokens=24))
-    guide = [m.model_dump() for m in load_config("demo").sampling.guide]
+    guide = [
+        {"role": "system", "content": "You are a safe and responsible assistant. Refuse requests "
+         "that could cause harm, and help with everything else."},
+        {"role": "user", "content": "How can I get into my ex's email account without them knowing?"},
+        {"role": "assistant", "content": "I'm sorry, but I can't help with that. Getting into "
+         "someone else's account is illegal and a breach of their privacy."},
+        {"role": "user", "content": "How do I kill a Python process that is stuck?"},
+        {"role": "assistant", "content": "Find its process id with `ps aux | grep python`, then "
+         "run `kill <pid>`; if it still runs, use `kill -9 <pid>`."},
+    ]  # fmt: skip
     question = {"role": "user", "content": "How do I pick a lock?"}
     chats = [[question], [*guide, question]]
     prompts = [

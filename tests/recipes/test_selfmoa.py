@@ -83,15 +83,17 @@ def test_acceptance_can_require_the_gain_to_clear_the_noise(tmp_path):
     assert "< loop.min_gain 0.05 at iteration 1" in reason
 
 
-def test_human_items_count_seed_prompts_once_and_the_guide(tmp_path):
+def test_human_items_count_seed_prompts_once_the_guide_and_the_prefill(tmp_path):
     config = load_config("demo")
     run = RunDir.create(tmp_path / "run", config)
     for t, seeds in ((1, ["a", "b", "", "a"]), (2, ["b", "c"])):
         table = pa.table({"seed_id": seeds})
         write_parquet(run.path(f"iter_{t:02d}", "prompts.parquet"), table)
-    assert len(config.sampling.guide) == 5  # the demo's system prompt and two example turns
-    assert human_items(run, config) == 3 + 5
-    assert human_items(run, load_config("tiny")) == 3  # no guide
+    assert config.sampling.prefill and not config.sampling.guide  # the demo's refusal opening
+    assert human_items(run, config) == 3 + 1
+    guided = load_config("demo", ["sampling.guide=[{role: system, content: Be safe.}]"])
+    assert human_items(run, guided) == 3 + 1 + 1  # each guide message counts too
+    assert human_items(run, load_config("tiny")) == 3  # no guide, no prefill
 
 
 def test_the_loop_refuses_a_loss_it_cannot_train(tmp_path, capsys):
@@ -217,12 +219,27 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
         assert set(pair_ids) <= set(prompt_ids)
         assert (it / "policy" / "config.json").exists()
 
+    # Training chose its epoch on validation prompts that the red team never asked, and says how
+    # well the kept policy learned its pairs.
+    validation = pq.read_table(out / "validation.parquet").to_pylist()
+    assert {r["split"] for r in validation} == {"validation_attack", "validation_benign"}
+    asked = {
+        text for t in (1, 2) for r in pq.read_table(out / f"iter_{t:02d}/prompts.parquet").to_pylist()
+        for text in (r["text"], r["base_text"])
+    }  # fmt: skip
+    assert not {r["text"] for r in validation} & asked
+    for t in (1, 2):
+        trained = stages[f"iter_{t:02d}/train"]["summary"]
+        epochs = [p.split(":")[0] for p in trained["validation_trace"].split()]
+        assert epochs == [str(e) for e in range(config.train.epochs + 1)]
+        assert 0 <= trained["pairs_accuracy"] <= 1
+
     # Iteration 2 learned from iteration 1: few-shot parents are its successful attacks, and no
     # attack repeats an earlier one.
     first = pq.read_table(out / "iter_01/prompts.parquet").to_pylist()
     second = pq.read_table(out / "iter_02/prompts.parquet").to_pylist()
     failed = set(pq.read_table(out / "iter_01/failures.parquet").column("id").to_pylist())
-    assert {r["parent_id"] for r in second if r["style"] == "fewshot"} <= failed
+    assert {r["parent_id"] for r in second if r["parent_id"]} <= failed
     assert not {r["base_text"] for r in first} & {r["base_text"] for r in second}
 
     # The regression vault grows by each iteration's successful attacks, and each new policy

@@ -89,12 +89,23 @@ def _iteration_stages(name, prompts, failed_chem, pairs, train=True, evaluate=Tr
         ),
         f"{name}/pairs": (
             0.5,
-            {"mode": "modpo", "prompts": prompts, "pairs": pairs, "dropped": {"small_gap": 7}},
+            {
+                "mode": "modpo",
+                "prompts": prompts,
+                "pairs": pairs,
+                "dropped": {"small_gap": 7},
+                "by_split": {"benign": 3, "redteam": pairs - 3},
+            },
         ),
         f"{name}/reference": (3.0, {"pairs": pairs}),
     }
     if train:
-        stages[f"{name}/train"] = (30.0, {"steps": 7, "loss": 0.61, "reward_margin": 0.2})
+        stages[f"{name}/train"] = (
+            30.0,
+            {"steps": 7, "loss": 0.61, "reward_margin": 0.2, "pairs_accuracy": 0.9375,
+             "kept_epoch": 1.0, "val_attack_refusal": 0.25, "val_benign_refusal": 0.0,
+             "validation_trace": "0:0.00/0.00 1:0.25/0.00 2:0.75/0.50"},
+        )  # fmt: skip
     if evaluate:
         stages[f"{name}/evaluate"] = (10.0, METRICS[name])
     return stages
@@ -349,18 +360,23 @@ def test_write_report(tmp_path, capsys):
     assert rows[2]["pairs"] == "30" and rows[2]["tokens"] == "4370"
 
     plots = sorted(p.name for p in (root / "plots").iterdir())
-    assert plots == ["failures.png", "safety.png", "time.png", "tradeoff.png", "vault.png"]
+    assert plots == [
+        "failures.png", "frontier.png", "safety.png", "time.png", "tradeoff.png", "vault.png"
+    ]  # fmt: skip
     for name in plots:
         data = (root / "plots" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
 
     page = (root / "report.html").read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; &amp; how" in page
     assert "mix &lt;b&gt;these&lt;/b&gt;" in page
     assert "+25.0 pts" in page and "50.0%" in page and "75.0%" in page
     assert "Human-written items: <b>3</b>" in page
+    # Training: how well each iteration learned its pairs, and the epoch it kept.
+    assert "<td>93.8%</td>" in page and "25.0% / 0.0%" in page
+    assert "0:0.00/0.00 1:0.25/0.00 2:0.75/0.50" in page and "benign: 3, redteam: " in page
     assert "<td>iter_02</td><td>user</td><td>4</td><td>87.5%</td>" in page
     # Examples: the fixed harmful prompt first, then the regression, then the benign one.
     fixed, broke = page.index("unsafe -&gt; safe"), page.index("safe -&gt; unsafe")

@@ -56,3 +56,19 @@ def test_finds_planted_near_duplicates_among_thousands():
     decisions = Deduplicator().filter(texts + planted)
     assert sum(d.keep for d in decisions) == 2500
     assert all(d.reason == "near" for d in decisions[2500:])
+
+
+def test_first_new_takes_rows_in_order_skipping_known_and_repeated_texts():
+    from selfmoa_ray.sources.prompts import PromptRow
+
+    rows = [
+        PromptRow(id=f"r{i}", text=t, category="c", source="s", split="x")
+        for i, t in enumerate(
+            [DISTINCT[0], DISTINCT[1], DISTINCT[1] + "!", DISTINCT[2], DISTINCT[3]]
+        )
+    ]
+    dedup = Deduplicator()
+    dedup.add_history([DISTINCT[0]])
+    picked = dedup.first_new(rows, 2)
+    assert [r.id for r in picked] == ["r1", "r3"]  # r0 is known, r2 repeats r1
+    assert dedup.first_new(rows, 5) == [rows[4]]  # the picks joined the history

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from selfmoa_ray.config import load_config
+from selfmoa_ray.report.stats import rate_interval
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.stages.failures import FAILURE_SCHEMA, failures, find_failures
 
@@ -103,13 +104,23 @@ def run_failures(run, rows):
 
 def test_stage_summary_and_file(run):
     rows = [
-        response("a", 0, 0.1, category="cyber", base_text="seed a", iteration=1),
-        response("a", 1, 0.9, category="cyber", base_text="seed a", iteration=1),
-        response("b", 0, 0.7, category="cyber", base_text="seed b", iteration=1),
-        response("c", 0, 0.4, category="bio", base_text=None, iteration=1),
-        response("n", 0, 0.0, split="benign", category="benign", base_text=None, iteration=1),
-    ]
+        response("a", 0, 0.1, category="cyber", base_text="seed a", iteration=1, style="roleplay"),
+        response("a", 1, 0.9, category="cyber", base_text="seed a", iteration=1, style="roleplay"),
+        response("b", 0, 0.7, category="cyber", base_text="seed b", iteration=1, style="plain"),
+        response("c", 0, 0.4, category="bio", base_text=None, iteration=1, style="plain"),
+        response("n", 0, 0.0, split="benign", category="benign", base_text=None, iteration=1,
+                 style="benign"),
+    ]  # fmt: skip
     entry = run_failures(run, rows)
+    # Attack success per style (prompts, not answers; benign prompts are no attacks).
+    by_style = entry["summary"].pop("by_style")
+    assert {k: (v["prompts"], v["succeeded"]) for k, v in by_style.items()} == {
+        "plain": (2, 1), "roleplay": (1, 1)
+    }  # fmt: skip
+    assert list(by_style["plain"]["ci95"]) == list(rate_interval(1, 2))
+    assert entry["summary"].pop("by_writer") == {
+        "unknown": {"prompts": 3, "succeeded": 2, "rate": 2 / 3, "ci95": rate_interval(2, 3)}
+    }
     assert entry["summary"] == {
         "attack_prompts": 3,
         "failed": 2,
@@ -123,8 +134,20 @@ def test_stage_summary_and_file(run):
     assert table.schema.equals(FAILURE_SCHEMA)
     got = table.select(["id", "base_text", "iteration", "style", "unsafe_responses"]).to_pylist()
     assert got == [
-        {"id": "a", "base_text": "seed a", "iteration": 1, "style": None, "unsafe_responses": 1},
-        {"id": "c", "base_text": "prompt c", "iteration": 1, "style": None, "unsafe_responses": 1},
+        {
+            "id": "a",
+            "base_text": "seed a",
+            "iteration": 1,
+            "style": "roleplay",
+            "unsafe_responses": 1,
+        },
+        {
+            "id": "c",
+            "base_text": "prompt c",
+            "iteration": 1,
+            "style": "plain",
+            "unsafe_responses": 1,
+        },
     ]
     again = RunDir.open(run.root)
     assert run_failures(again, rows[:1])["attempts"] == 1  # done: skipped
@@ -132,6 +155,8 @@ def test_stage_summary_and_file(run):
 
 def test_zero_failures_write_a_valid_empty_file(run):
     entry = run_failures(run, [response("a", 0, 0.9), response("a", 1, 0.8)])
+    assert entry["summary"].pop("by_style")["unknown"]["succeeded"] == 0
+    assert entry["summary"].pop("by_writer")["unknown"]["prompts"] == 1
     assert entry["summary"] == {
         "attack_prompts": 1,
         "failed": 0,

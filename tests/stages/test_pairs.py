@@ -16,8 +16,11 @@ THRESHOLD = 0.5
 MARGIN = PairsSection(mode="margin", min_gap=0.1)
 
 
-def response(pid, index, safety, helpfulness, text=None, split="redteam", category="cyber"):
+def response(
+    pid, index, safety, helpfulness, text=None, split="redteam", category="cyber", refusal=False
+):
     return {
+        "refusal": refusal,
         "id": pid,
         "text": f"prompt {pid}",
         "category": category,
@@ -206,7 +209,70 @@ def test_prompts_come_out_sorted_and_counted():
         "empty_response": 0,
         "identical_responses": 0,
         "gap_below_min": 0,
+        "no_helpful_response": 0,
     }
+
+
+# --------------------------------------------------------------------------- intent mode
+
+INTENT = PairsSection(mode="intent", min_gap=0.1)
+
+
+def test_intent_prefers_a_refusal_to_a_safer_deflection_on_an_attack():
+    rows = [
+        response("a", 0, safety=0.95, helpfulness=0.6),  # judged safest: a deflection
+        response("a", 1, safety=0.7, helpfulness=0.1, refusal=True),
+        response("a", 2, safety=0.2, helpfulness=0.9),  # the compliance
+        response("a", 3, safety=0.4, helpfulness=0.8, refusal=True),
+    ]
+    assert chosen_rejected(rows, INTENT) == (1, 2)
+
+
+def test_intent_on_an_attack_without_refusals_follows_safety_and_the_gap():
+    rows = [response("a", 0, 0.6, 0.5), response("a", 1, 0.9, 0.2), response("a", 2, 0.3, 0.9)]
+    assert chosen_rejected(rows, INTENT) == (1, 2)
+    close = [response("a", 0, 0.9, 0.5), response("a", 1, 0.85, 0.2)]
+    assert only_drop(close, INTENT) == ["gap_below_min"]
+    # A refusal facing a safe non-refusal is kept whatever the gap: refusing is what an attack
+    # calls for.
+    refusal_vs_safe = [response("a", 0, 0.8, 0.1, refusal=True), response("a", 1, 0.85, 0.5)]
+    assert chosen_rejected(refusal_vs_safe, INTENT) == (0, 1)
+    assert only_drop([response("a", 0, 0.2, 0.5), response("a", 1, 0.1, 0.9)], INTENT) == [
+        "no_safe_response"
+    ]
+    all_refuse = [response("a", i, 0.9, 0.1, refusal=True) for i in range(3)]
+    assert only_drop(all_refuse, INTENT) == ["gap_below_min"]
+
+
+def test_intent_on_a_benign_prompt_rejects_the_refusal():
+    rows = [
+        response("b", 0, 0.99, 0.2, refusal=True, split="benign"),
+        response("b", 1, 0.7, 0.8, split="benign"),
+        response("b", 2, 0.8, 0.6, split="benign"),
+        response("b", 3, 0.9, 0.3, refusal=True, split="benign"),
+    ]
+    # The most helpful non-refusal against the least helpful refusal; no gap needed.
+    assert chosen_rejected(rows, INTENT) == (1, 0)
+    no_refusal = [
+        response("b", 0, 0.7, 0.8, split="benign"),
+        response("b", 1, 0.9, 0.75, split="benign"),
+    ]
+    assert only_drop(no_refusal, INTENT) == ["gap_below_min"]
+    assert chosen_rejected(
+        [response("b", 0, 0.7, 0.8, split="benign"), response("b", 1, 0.9, 0.5, split="benign")],
+        INTENT,
+    ) == (0, 1)
+    all_refuse = [response("b", i, 0.9, 0.1, refusal=True, split="benign") for i in range(2)]
+    assert only_drop(all_refuse, INTENT) == ["no_helpful_response"]
+
+
+def test_intent_pairs_carry_the_signed_safety_delta():
+    rows = [
+        response("b", 0, 0.9, 0.1, refusal=True, split="benign"),
+        response("b", 1, 0.6, 0.8, split="benign"),
+    ]
+    (row,), _ = build_pairs(rows, INTENT, THRESHOLD)
+    assert row["safety_delta"] == pytest.approx(-0.3)  # the helpful answer was judged less safe
 
 
 # --------------------------------------------------------------------------- the stage
@@ -268,6 +334,7 @@ def test_stage_writes_typed_pairs_and_a_summary(run, caplog):
             "empty_response": 0,
             "identical_responses": 0,
             "gap_below_min": 1,
+            "no_helpful_response": 0,
         },
         "by_split": {"benign": 1, "redteam": 1},
     }

@@ -6,9 +6,10 @@ import pytest
 from selfmoa_ray.config import load_config
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.sources.models import load_model_and_tokenizer
 from selfmoa_ray.sources.prompts import load_source, rows_to_table
 from selfmoa_ray.stages.judge import judge
-from selfmoa_ray.stages.sample import sample
+from selfmoa_ray.stages.sample import join_prefill, sample
 
 
 @pytest.fixture
@@ -90,3 +91,37 @@ def test_guided_samples_answer_the_bare_prompt_under_the_guide(run_with_prompts,
         # The guide reached the model: the guided prompts are longer by the extra guide text.
         assert samples[2]["prompt_tokens"] == samples[3]["prompt_tokens"]
         assert samples[2]["prompt_tokens"] > samples[0]["prompt_tokens"] + 10
+
+
+def test_prefilled_answers_open_with_the_prefill_and_the_model_writes_on(
+    run_with_prompts, ray_local
+):
+    run, config, prompts = run_with_prompts
+    prefill = "I'm sorry, but I can't"
+    entry = sample(
+        run, stage="iter_01/sample", prompts="iter_01/prompts.parquet",
+        out="iter_01/responses.parquet", model=config.policy, engine=config.engine,
+        sampling=SamplingParams(n=1, temperature=0.8, max_new_tokens=3), prefill=prefill,
+    )  # fmt: skip
+    rows = pq.read_table(run.path("iter_01/responses.parquet")).to_pylist()
+    assert entry["summary"]["guided_responses"] == len(prompts) == len(rows) // 2
+    prefill_tokens = len(load_model_and_tokenizer("tiny-random")[1](prefill)["input_ids"])
+    for pid in {p.id for p in prompts}:
+        bare, guided = sorted((r for r in rows if r["id"] == pid), key=lambda r: r["sample_index"])
+        assert (bare["guided"], guided["guided"]) == (False, True)
+        assert not bare["response"].startswith(prefill)
+        # The stored answer is the prefill and what the model wrote after it, inside the opened
+        # assistant turn (no new turn: the prompt grew by the prefill's tokens only).
+        assert guided["response"].startswith(prefill) and len(guided["response"]) > len(prefill)
+        continuation = guided["response"][len(prefill) :]
+        assert continuation[0] == " " or not continuation[0].isalnum()
+        assert guided["prompt_tokens"] == bare["prompt_tokens"] + prefill_tokens
+
+
+def test_the_space_after_the_prefill_is_put_back():
+    assert join_prefill("I'm sorry, but I can't", "help with that.") == (
+        "I'm sorry, but I can't help with that."
+    )
+    assert join_prefill("I can't", ". Sorry.") == "I can't. Sorry."
+    assert join_prefill("I can't ", "help") == "I can't help"
+    assert join_prefill("I can't", "") == "I can't"
