@@ -303,7 +303,7 @@ def _iteration(
         "pairs_mode": (pairs or {}).get("mode"),
         "pairs_by_split": dict((pairs or {}).get("by_split") or {}),
         "redteam": {key: (redteam or {}).get(key) for key in REDTEAM_KEYS},
-        # attack success per style (failures stage; older runs: the next red team's "previous")
+        # attack success per style, from the failures stage
         "success_by_style": dict((failures or {}).get("by_style") or {}),
         "pairs_dropped": dict((pairs or summary("filter") or {}).get("dropped") or {}),
         "train": dict(train) if train is not None else None,
@@ -487,11 +487,6 @@ def collect_run(root: Path | str) -> dict[str, Any]:
         stages = sorted(grouped.get(name, {}).items(), key=lambda kv: _stage_sort_key(kv[0]))
         iterations.append(_iteration(name, root, dict(stages), evaluated.get(name)))
     by_iter = {it["name"]: it for it in iterations}
-    for it in iterations:
-        later = grouped.get(f"iter_{(it['iteration'] or 0) + 1:02d}", {}).get("redteam") or {}
-        previous = ((later.get("summary") or {}).get("previous") or {}).get("by_style")
-        if not it["success_by_style"] and previous:
-            it["success_by_style"] = dict(previous)
 
     policies = []
     for name, policy in evaluated.items():
