@@ -372,6 +372,12 @@ class TrainSection(Section):
     validation_max_new_tokens: int = Field(
         16, ge=1, description="tokens of each greedy validation answer (a refusal shows early)"
     )
+    validations_per_epoch: int = Field(
+        1,
+        ge=1,
+        description="validation points per epoch (evenly spaced optimizer steps): more points, "
+        "a finer choice of how far an iteration moves the policy",
+    )
     learning_rate: float = Field(5e-6, gt=0)
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1, description="per worker")

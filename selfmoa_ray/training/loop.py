@@ -8,8 +8,9 @@ but the last. Rank 0 finally reports the exported Hugging Face folder as the las
 Checkpoints are written once, in place, into Ray Train's storage folder (``NO_UPLOAD``); the stage
 deletes them when it is done (``train.keep_checkpoints``).
 
-With validation prompts (preference losses in the loop), the worker answers them before training
-and after each epoch and keeps the epoch on the safety/over-refusal frontier
+With validation prompts (preference losses in the loop), the worker answers them before training,
+after each epoch and ``train.validations_per_epoch - 1`` times within it, and keeps the point on
+the safety/over-refusal frontier
 (training/selection.py); the summary also carries the preference accuracy of the kept policy on
 all its training pairs (one forward pass after training), the honest "did it learn its pairs".
 
@@ -129,6 +130,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     chooser = EpochChooser(config.get("validation"), cfg, tokenizer, state)
     if state["epoch"] == 0 and state["batches_done"] == 0:
         chooser.observe(strategy.unwrapped(), epoch=0)
+    # Mid-epoch validation points: after these batches of each epoch (the epoch's end is one too).
+    mid_epoch = validation_batches(batches_per_epoch, cfg.validations_per_epoch, cfg.grad_accum)
     for epoch in range(state["epoch"], cfg.epochs):
         skip = state["batches_done"]
         started = time.perf_counter()
@@ -158,6 +161,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 due = bool(cfg.checkpoint_every) and state["step"] % cfg.checkpoint_every == 0
                 if due or state["step"] % cfg.report_every == 0:
                     report(metrics, save=due)  # each report waits for Ray's controller poll
+                if i + 1 in mid_epoch:
+                    at = epoch + (i + 1) / batches_per_epoch
+                    chooser.observe(strategy.unwrapped(), epoch=round(at, 3))
         state["epoch"], state["batches_done"] = epoch + 1, 0
         chooser.observe(strategy.unwrapped(), epoch=epoch + 1)
         # The last epoch needs no checkpoint of its own: the export below is the final one.
@@ -179,6 +185,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(summary, checkpoint=final, checkpoint_upload_mode=NO_UPLOAD)
 
 
+def validation_batches(batches_per_epoch: int, per_epoch: int, grad_accum: int = 1) -> set[int]:
+    """Batch counts within an epoch after which to validate, besides the epoch's end: ``per_epoch``
+    points an epoch, evenly spaced on optimizer steps (fewer when the epoch has fewer steps)."""
+    steps = batches_per_epoch // grad_accum
+    marks = {round(steps * k / per_epoch) * grad_accum for k in range(1, per_epoch)}
+    return {m for m in marks if 0 < m < batches_per_epoch}
+
+
 def scalars(state: dict[str, Any]) -> dict[str, Any]:
     """The loop state's numbers, for ``ray.train.report`` (the validation points stay behind)."""
     return {k: v for k, v in state.items() if isinstance(v, (int, float))}
@@ -196,9 +210,9 @@ class EpochChooser:
         self.validation, self.cfg, self.tokenizer = validation, cfg, tokenizer
         self.points: list[dict[str, float]] = state.setdefault("validation", [])
         self.seen: list[ValidationPoint] = []
-        self.best: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.best: tuple[float, dict[str, torch.Tensor]] | None = None
 
-    def observe(self, model: torch.nn.Module, *, epoch: int) -> None:
+    def observe(self, model: torch.nn.Module, *, epoch: float) -> None:
         if not self.validation:
             return
         point = validation_point(
@@ -226,7 +240,7 @@ class EpochChooser:
             "val_benign_refusal": point.benign_refusal,
             # Every epoch's refusal rates, "epoch:attacks/benign", for the manifest and a reader.
             "validation_trace": " ".join(
-                f"{p['epoch']}:{p['attack_refusal']:.2f}/{p['benign_refusal']:.2f}"
+                f"{p['epoch']:g}:{p['attack_refusal']:.2f}/{p['benign_refusal']:.2f}"
                 for p in self.points
             ),
         }

@@ -29,9 +29,10 @@ from selfmoa_ray.evaluators.refusal import is_refusal
 
 @dataclass(frozen=True)
 class ValidationPoint:
-    """The policy after ``epoch`` epochs (0: before training) on the validation prompts."""
+    """The policy after ``epoch`` epochs (0: before training; 0.5: half-way through the first)
+    on the validation prompts."""
 
-    epoch: int
+    epoch: float
     attack_refusal: float
     benign_refusal: float
 
@@ -100,7 +101,7 @@ def validation_point(
     attacks: Sequence[str],
     benign: Sequence[str],
     *,
-    epoch: int,
+    epoch: float,
     max_new_tokens: int,
 ) -> ValidationPoint:
     """Refusal rates of ``model``'s greedy answers to the validation attacks and benign prompts."""

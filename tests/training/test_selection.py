@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from selfmoa_ray.sources.models import load_model_and_tokenizer
+from selfmoa_ray.training.loop import validation_batches
 from selfmoa_ray.training.selection import (
     ValidationPoint,
     best_point,
@@ -33,6 +34,18 @@ def test_ties_go_to_the_later_epoch_and_the_start_anchors_the_score():
     assert best_point(points, 3).epoch == 2
     with pytest.raises(ValueError, match="no validation points"):
         best_point([], 3)
+
+
+def test_mid_epoch_validation_points_fall_on_evenly_spaced_optimizer_steps():
+    assert validation_batches(12, 1) == set()  # the epoch's end only
+    assert validation_batches(12, 2) == {6}
+    assert validation_batches(12, 3) == {4, 8}
+    assert validation_batches(11, 2) == {6}  # half of 11 rounds to 6
+    # With gradient accumulation, only after whole optimizer steps (6 steps of 2 batches).
+    assert validation_batches(12, 4, grad_accum=2) == {4, 6, 8}
+    # Never more points than steps, and never the epoch's start or end twice.
+    assert validation_batches(2, 8) == {1}
+    assert validation_batches(1, 4) == set()
 
 
 def test_greedy_answers_are_deterministic_and_leave_the_model_as_it_was():
