@@ -577,7 +577,11 @@ def _read_yaml(name_or_path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{origin} is not valid YAML: {err}") from err
+        # Where and what, never the offending text: the file may be something else (a secret).
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{origin} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{origin} must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -646,16 +650,30 @@ def _validate(data: dict[str, Any], source: str) -> Config:
         raise ConfigError(_explain(err, source)) from None
 
 
+MAX_EXPLAINED_ERRORS, MAX_ECHO_CHARS = 10, 40
+
+
+def _brief(text: str) -> str:
+    """``text`` cut for an error message: a file that is not a config may hold secrets."""
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+
+
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_EXPLAINED_ERRORS]:
         loc = [str(p) for p in e["loc"]]
-        key = ".".join(loc) or "<root>"
+        key = _brief(".".join(loc) or "<root>")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             lines.append(f"  - {key}: unknown key; allowed here: {', '.join(allowed)}")
         else:
-            lines.append(f"  - {key}: {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")
+            scalar = isinstance(got, (str, int, float, bool))
+            shown = _brief(repr(got)) if scalar else f"a {type(got).__name__}"
+            lines.append(f"  - {key}: {e['msg']} (got {shown})")
+    if len(errors) > MAX_EXPLAINED_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_EXPLAINED_ERRORS} more")
     return "\n".join(lines)
 
 

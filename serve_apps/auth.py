@@ -6,11 +6,17 @@ Keys come from the environment of the process that serves requests (the Serve re
 * ``SELFMOA_API_KEYS_FILE``: path to a secret file with one key per line (blank lines and lines
   starting with ``#`` are skipped), e.g. a mounted Kubernetes secret.
 
+A key is 16 to 512 characters of ``A-Z a-z 0-9 - _ . ~ + / =`` (base64, base64url or hex, e.g.
+``python -c 'import secrets; print(secrets.token_urlsafe(32))'``). A file with any other line is
+refused whole, by line number and never by content: pointed by mistake at a password or
+configuration file, the server does not start with its lines as keys.
+
 Both may be set; the union is accepted, so keys can be rotated by adding the new key, moving
 clients over, then removing the old one. Clients send ``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>``. Every presented key is hashed and compared with every configured key with
-``hmac.compare_digest`` (no early exit, no length leak). A failure is a 401 with a JSON error and a
-``WWW-Authenticate`` header; the presented key is never logged or echoed.
+``hmac.compare_digest`` (no early exit, no length leak). A failure is a 401 with a JSON error (code
+``missing_api_key`` or ``invalid_api_key``) and a ``WWW-Authenticate`` header; the presented key is
+never logged or echoed.
 
 With no key configured the app refuses to start, unless ``allow_unauthenticated=True`` is passed
 explicitly (local development only).
@@ -22,6 +28,7 @@ explicitly (local development only).
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +39,10 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 ENV_KEYS = "SELFMOA_API_KEYS"
 ENV_KEYS_FILE = "SELFMOA_API_KEYS_FILE"
 API_KEY_HEADER = "X-API-Key"
-MIN_KEY_LENGTH = 16
+MIN_KEY_LENGTH, MAX_KEY_LENGTH = 16, 512
+KEY_CHARS = "A-Z a-z 0-9 - _ . ~ + / ="
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-.~+/=]+")
+MAKE_A_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 REALM = "selfmoa"
 MISSING_KEY_MESSAGE = (
     f"an API key is required: send 'Authorization: Bearer <key>' or '{API_KEY_HEADER}: <key>'"
@@ -43,14 +53,26 @@ class AuthConfigError(RuntimeError):
     """API keys cannot be loaded, or none is configured and unauthenticated use was not allowed."""
 
 
+class Unauthorized(HTTPException):
+    """401 with OpenAI's machine-readable ``code``."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(401, message, headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'})
+        self.code = code
+
+
 def _check_key(key: str, origin: str) -> str:
+    """``key`` if it has the documented format; the error names ``origin``, never the key."""
     if len(key) < MIN_KEY_LENGTH:
         raise AuthConfigError(
             f"an API key from {origin} is shorter than {MIN_KEY_LENGTH} characters; "
-            "use a long random key (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            f"use a long random key (e.g. `{MAKE_A_KEY}`)"
         )
-    if any(ch.isspace() for ch in key) or not key.isprintable():
-        raise AuthConfigError(f"an API key from {origin} contains whitespace or control characters")
+    if len(key) > MAX_KEY_LENGTH or not KEY_PATTERN.fullmatch(key):
+        raise AuthConfigError(
+            f"{origin} is not an API key: a key is {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} of the "
+            f"characters {KEY_CHARS} (e.g. `{MAKE_A_KEY}`)"
+        )
     return key
 
 
@@ -64,10 +86,10 @@ def read_keys_file(path: str | Path) -> list[str]:
             f"cannot read the API key file {path}: {type(err).__name__}"
         ) from None
     keys = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if line and not line.startswith("#"):
-            keys.append(_check_key(line, f"line of {path}"))
+            keys.append(_check_key(line, f"line {number} of {path}"))
     return keys
 
 
@@ -155,11 +177,9 @@ class APIKeyAuth:
             if not self.enabled:
                 return
             presented = credentials.credentials if credentials is not None else api_key
+            if not presented:
+                raise Unauthorized(MISSING_KEY_MESSAGE, "missing_api_key")
             if not self.check(presented):
-                raise HTTPException(
-                    status_code=401,
-                    detail="invalid API key" if presented else MISSING_KEY_MESSAGE,
-                    headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
-                )
+                raise Unauthorized("invalid API key", "invalid_api_key")
 
         return require_api_key

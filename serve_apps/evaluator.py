@@ -1,6 +1,6 @@
 """The evaluator Serve app: the project's composite judge behind HTTP.
 
-Endpoints (FastAPI ingress; OpenAPI at ``/docs`` and ``/openapi.json``):
+Endpoints (FastAPI ingress; the OpenAPI document at ``/openapi.json``, ``/docs`` on request):
 
 * ``POST /v1/evaluate``: a batch of (prompt, response) items -> safety, refusal, helpfulness and
   each evaluator's own columns, per item;
@@ -86,7 +86,12 @@ class EvaluatorAppArgs(BaseModel):
     allow_unauthenticated: bool = Field(
         False, description="serve without keys when none is configured (local development only)"
     )
-    docs: bool = Field(True, description="serve /docs and /openapi.json")
+    docs: bool = Field(
+        False,
+        description="serve the Swagger UI at /docs (it loads its scripts from a public CDN, so it "
+        "renders only where the browser reaches the internet)",
+    )
+    openapi: bool = Field(True, description="serve the OpenAPI document at /openapi.json")
     # Testing and benchmarks only: sleep this long per scored batch, simulating model latency.
     test_delay_s: float = Field(0.0, ge=0, le=60)
     # Options for EvaluatorDeployment.options() (Python use and tests); in a Serve config file,
@@ -194,10 +199,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @lru_cache(maxsize=8)
 def request_models(max_items: int, max_chars: int) -> tuple[type[BaseModel], type[BaseModel]]:
-    """Request models carrying this deployment's limits (so they also show in the OpenAPI)."""
+    """Request models carrying this deployment's limits (so they also show in the OpenAPI).
+    Strict types: 0 is not a boolean and 1 is not a string."""
 
     class EvaluateItem(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         prompt: str = Field(max_length=max_chars, description="the user prompt")
         response: str = Field(max_length=max_chars, description="the model's response")
         id: str | None = Field(None, max_length=128, description="optional, echoed back")
@@ -205,6 +211,7 @@ def request_models(max_items: int, max_chars: int) -> tuple[type[BaseModel], typ
     class EvaluateRequest(BaseModel):
         model_config = ConfigDict(
             extra="forbid",
+            strict=True,
             json_schema_extra={
                 "examples": [
                     {
@@ -223,7 +230,17 @@ def request_models(max_items: int, max_chars: int) -> tuple[type[BaseModel], typ
         details: bool = Field(True, description="include each evaluator's own columns")
 
     class ModerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # The schema says what the validator below checks: a prompt, a response, or both.
+        model_config = ConfigDict(
+            extra="forbid",
+            strict=True,
+            json_schema_extra={
+                "anyOf": [
+                    {"required": [name], "properties": {name: {"type": "string"}}}
+                    for name in ("prompt", "response")
+                ]
+            },
+        )
         prompt: str | None = Field(None, max_length=max_chars)
         response: str | None = Field(None, max_length=max_chars)
         details: bool = True
@@ -486,6 +503,7 @@ class EvaluatorDeployment:
             API_VERSION,
             "Safety, refusal and helpfulness scores from the selfmoa composite judge.",
             docs=s.docs,
+            openapi=s.openapi,
             max_body_bytes=s.max_body_bytes,
         )
         auth = [Depends(self.auth.dependency())]

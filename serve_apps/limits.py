@@ -222,6 +222,8 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     extra: dict[str, Any] = {}
     if isinstance(exc, PayloadTooLarge) and exc.limit is not None:
         extra["limit"] = exc.limit
+    if isinstance(code := getattr(exc, "code", None), str):  # e.g. auth.Unauthorized
+        extra["code"] = code
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     return json_error(exc.status_code, message, headers=exc.headers, **extra)
 
@@ -254,16 +256,24 @@ def install_limits(app: FastAPI, *, max_body_bytes: int) -> None:
 
 
 def limited_app(
-    title: str, version: str, summary: str, *, docs: bool, max_body_bytes: int
+    title: str,
+    version: str,
+    summary: str,
+    *,
+    docs: bool,
+    max_body_bytes: int,
+    openapi: bool = True,
 ) -> FastAPI:
-    """What every selfmoa app starts from: limits, JSON errors, optional docs and ``/healthz``."""
+    """What every selfmoa app starts from: limits, JSON errors, ``/healthz``, the OpenAPI document
+    unless ``openapi`` is false, and the Swagger UI (``/docs``, which needs the document) when
+    ``docs`` is true."""
     app = FastAPI(
         title=title,
         version=version,
         summary=summary,
-        docs_url="/docs" if docs else None,
+        docs_url="/docs" if docs and openapi else None,
         redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
+        openapi_url="/openapi.json" if openapi else None,
     )
     install_limits(app, max_body_bytes=max_body_bytes)
 

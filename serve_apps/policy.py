@@ -1,6 +1,6 @@
 """The policy Serve app: a chat model behind an OpenAI-compatible API.
 
-Endpoints (FastAPI ingress; OpenAPI at ``/docs`` and ``/openapi.json``):
+Endpoints (FastAPI ingress; the OpenAPI document at ``/openapi.json``, ``/docs`` on request):
 
 * ``POST /v1/chat/completions``: OpenAI's chat completions, with ``stream: true`` as server-sent
   events (``data: {chunk}`` lines, ending ``data: [DONE]``);
@@ -39,11 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 from ray import serve
 from ray.serve import Application
@@ -63,6 +63,13 @@ logger = logging.getLogger("ray.serve")
 API_VERSION = "1"
 MANIFEST = "manifest.json"  # selfmoa_ray.rundir.MANIFEST (not imported: keeps this module light)
 OWNER = "selfmoa"
+# OpenAI's limit of 4 stop sequences, each at most this long: the stop checks scan a tail of this
+# many characters per generated token, so the bound is what keeps them cheap.
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+# Below this a temperature cannot be sampled (logits / T overflow to inf): it means greedy.
+MIN_SAMPLING_TEMPERATURE = 1e-3
+MAX_NAME_CHARS = 256  # a `model` name; error messages quote at most ECHO_CHARS of it
+ECHO_CHARS = 64
 
 
 # --------------------------------------------------------------------------- app arguments
@@ -110,7 +117,12 @@ class PolicyAppArgs(BaseModel):
     allow_unauthenticated: bool = Field(
         False, description="serve without keys when none is configured (local development only)"
     )
-    docs: bool = Field(True, description="serve /docs and /openapi.json")
+    docs: bool = Field(
+        False,
+        description="serve the Swagger UI at /docs (it loads its scripts from a public CDN, so it "
+        "renders only where the browser reaches the internet)",
+    )
+    openapi: bool = Field(True, description="serve the OpenAPI document at /openapi.json")
     # Options for PolicyDeployment.options() (hf), or LLMConfig.deployment_config (vllm). In a
     # Serve config file, prefer the application's `deployments:` list (hf), which overrides these.
     deployment: dict[str, Any] = Field(default_factory=dict)
@@ -206,6 +218,13 @@ def resolve_policy(model: str, served_model_name: str | None = None) -> PolicySo
         if model.removeprefix("packaged:") not in PACKAGED_MODELS:
             known = ", ".join(f"packaged:{n}" for n in sorted(PACKAGED_MODELS))
             raise PolicySourceError(f"unknown packaged model {model!r}; known: {known}")
+    elif model == "tiny-random" or model.startswith("tiny-random:"):
+        from selfmoa_ray.sources.models import tiny_seed
+
+        try:
+            tiny_seed(model, None)
+        except ValueError as err:
+            raise PolicySourceError(str(err)) from None
     return PolicySource(spec=model, served_name=served_model_name or _name_of_spec(model))
 
 
@@ -268,6 +287,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 @lru_cache(maxsize=8)
 def request_model(
     max_messages: int, max_chars: int, max_tokens_limit: int, max_n: int
@@ -279,11 +301,13 @@ def request_model(
     with 400 by :func:`_unsupported`.
     """
 
+    # Strict types throughout: "4" is not an integer and true is not a number.
     class Part(TextPart):
+        model_config = ConfigDict(strict=True)
         text: str = Field(max_length=max_chars)
 
     class Message(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         # "developer" is what newer OpenAI clients send for system instructions.
         role: Literal["system", "developer", "user", "assistant"]
         content: str | list[Part]
@@ -301,12 +325,13 @@ def request_model(
             return content
 
     class StreamOptions(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         include_usage: bool = False
 
     class ChatCompletionRequest(BaseModel):
         model_config = ConfigDict(
             extra="allow",
+            strict=True,
             json_schema_extra={
                 "examples": [
                     {
@@ -318,15 +343,22 @@ def request_model(
                 ]
             },
         )
-        model: str | None = Field(None, description="the served model's name (GET /v1/models)")
+        model: str | None = Field(
+            None, max_length=MAX_NAME_CHARS, description="the served model's name (GET /v1/models)"
+        )
         messages: list[Message] = Field(min_length=1, max_length=max_messages)
         max_tokens: int | None = Field(None, ge=1, le=max_tokens_limit)
         max_completion_tokens: int | None = Field(None, ge=1, le=max_tokens_limit)
-        temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
+        temperature: float | None = Field(
+            None, ge=0, le=2, description=f"0 (or below {MIN_SAMPLING_TEMPERATURE}) = greedy"
+        )
         top_p: float | None = Field(None, gt=0, le=1)
         n: int = Field(1, ge=1, le=max_n)
         seed: int | None = Field(None, ge=0, lt=2**63, description="reproducible sampling")
-        stop: str | list[str] | None = Field(None, description="up to 4 stop sequences")
+        stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = Field(
+            None,
+            description=f"up to {MAX_STOPS} stop sequences of 1 to {MAX_STOP_CHARS} characters",
+        )
         stream: bool = False
         stream_options: StreamOptions | None = None
 
@@ -343,9 +375,6 @@ def _unsupported(body: BaseModel) -> str | None:
     response_format = extra.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
         return "response_format other than text is not supported by this server"
-    stops = _stops(body)
-    if len(stops) > 4 or any(not s for s in stops):
-        return "stop takes at most 4 non-empty sequences"
     if body.stream and body.n > 1:
         return "stream supports n=1 only"
     return None
@@ -353,6 +382,11 @@ def _unsupported(body: BaseModel) -> str | None:
 
 def _stops(body: Any) -> list[str]:
     return body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+
+
+def _quoted(value: str) -> str:
+    """``value`` as an error message may quote it: repr'd, and cut at ``ECHO_CHARS``."""
+    return repr(value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "...")
 
 
 def _text_of(content: str | list[Any]) -> str:
@@ -369,10 +403,13 @@ def _truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class _StopFilter:
-    """Streams text while holding back any tail that could be the start of a stop sequence."""
+    """Streams text while holding back the last ``len(longest stop) - 1`` characters, the most a
+    stop sequence could have begun in. Each piece costs time linear in its length plus that
+    tail, never more: the buffer never grows beyond them."""
 
     def __init__(self, stops: list[str]):
         self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
         self.buffer = ""
         self.stopped = False
 
@@ -384,8 +421,7 @@ class _StopFilter:
         if hit:
             self.buffer, self.stopped = "", True
             return kept
-        partial = [k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])]
-        keep = len(self.buffer) - max(partial, default=0)
+        keep = max(0, len(self.buffer) - self.hold)
         out, self.buffer = self.buffer[:keep], self.buffer[keep:]
         return out
 
@@ -413,7 +449,7 @@ class _Job:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass
@@ -440,10 +476,10 @@ class HFGenerator:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         resolved = resolve_model(spec, trust_remote_code=trust_remote_code)
         self.model = load_model(resolved, dtype=dtype, device=self.device)
-        # Two tokenizers: a fast tokenizer must not be used by two threads at once, and the event
-        # loop templates new requests while the worker thread decodes (and streams) another one.
+        # Two tokenizers: a fast tokenizer must not be used by two threads at once, and the encode
+        # thread templates new requests while the worker thread decodes (and streams) another one.
         self.tokenizer = load_tokenizer(resolved)  # worker thread only
-        self.prompt_tokenizer = load_tokenizer(resolved)  # event loop only
+        self.prompt_tokenizer = load_tokenizer(resolved)  # the deployment's encode thread only
         config_eos = self.model.generation_config.eos_token_id
         eos = config_eos if isinstance(config_eos, list) else [config_eos]
         self.eos_ids = {int(t) for t in [*eos, self.tokenizer.eos_token_id] if t is not None}
@@ -587,6 +623,8 @@ class PolicyDeployment:
         )
         self.created = int(time.time())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # One thread: the prompt tokenizer must not be used by two threads at once.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ running jobs
@@ -626,12 +664,14 @@ class PolicyDeployment:
             stop=_stops(body),
         )
 
-    def _check(self, body: Any) -> JSONResponse | _Job:
-        """The request's job, or the error response that refuses it."""
+    async def _check(self, body: Any) -> JSONResponse | _Job:
+        """The request's job, or the error response that refuses it. Templating and tokenising a
+        long prompt take a while: they run in their own thread, off the event loop."""
         if body.model is not None and body.model != self.served_name:
             return json_error(
                 404,
-                f"the model {body.model!r} does not exist; this server serves {self.served_name!r}",
+                f"the model {_quoted(body.model)} does not exist; this server serves "
+                f"{self.served_name!r}",
                 code="model_not_found",
                 param="model",
             )
@@ -642,8 +682,9 @@ class PolicyDeployment:
             {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
             for m in body.messages
         ]
+        loop = asyncio.get_running_loop()
         try:
-            input_ids = self.generator.encode(messages)
+            input_ids = await loop.run_in_executor(self._encoder, self.generator.encode, messages)
         except Exception as err:  # jinja2's TemplateError, e.g. "roles must alternate"
             logger.info("chat template refused a request: %s", err)
             return json_error(400, "the model's chat template cannot format these messages",
@@ -706,6 +747,7 @@ class PolicyDeployment:
             API_VERSION,
             "An OpenAI-compatible chat completions API for the selfmoa policy model.",
             docs=s.docs,
+            openapi=s.openapi,
             max_body_bytes=s.max_body_bytes,
         )
         auth = [Depends(self.auth.dependency())]
@@ -721,7 +763,7 @@ class PolicyDeployment:
         async def model(model: str) -> Any:
             if model != self.served_name:
                 return json_error(
-                    404, f"the model {model!r} does not exist", code="model_not_found"
+                    404, f"the model {_quoted(model)} does not exist", code="model_not_found"
                 )
             return self._card()
 
@@ -733,7 +775,7 @@ class PolicyDeployment:
             summary="Chat completion (OpenAI schema); stream=true answers server-sent events",
         )
         async def chat_completions(body: chat_request) -> Any:  # type: ignore[valid-type]
-            checked = self._check(body)
+            checked = await self._check(body)
             if isinstance(checked, JSONResponse):
                 return checked
             job = checked
@@ -790,9 +832,10 @@ class PolicyDeployment:
         }
 
     def __del__(self) -> None:
-        executor = getattr(self, "_executor", None)
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        for name in ("_executor", "_encoder"):
+            executor = getattr(self, name, None)
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def _until(streamer: Any, timeout_s: float) -> AsyncIterator[str]:

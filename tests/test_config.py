@@ -131,3 +131,21 @@ def test_a_prefill_needs_a_local_engine_and_validation_whole_weights():
     with pytest.raises(ConfigError, match="needs whole weights"):
         load_config("tiny", zero3)
     assert load_config("tiny", [*zero3, "loop.validation_prompts=0"]).train.zero_stage == 3
+
+
+def test_config_errors_never_echo_a_file_that_is_not_a_config(tmp_path):
+    """A wrong --config or --judge-config (a secret, say) is named and located, never quoted."""
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("token: [hunter2-do-not-print\nmore: hunter3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line \d+, column \d+\)") as err:
+        load_config(secret)
+    assert "hunter" not in str(err.value)
+    # A mapping of strange keys: the keys (cut short) help with typos; values are cut short too,
+    # and a file of many bad lines gives a bounded message.
+    lines = [f"key{i}_{'s' * 100}: value" for i in range(50)]
+    secret.write_text("\n".join(lines) + "\nrun: {name: " + "v" * 200 + "}\ntrain: {beta: [1]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(secret)
+    message = str(err.value)
+    assert "s" * 50 not in message and "v" * 50 not in message and "... and" in message
+    assert len(message.splitlines()) <= 12

@@ -114,13 +114,13 @@ def resolve_model(
     if spec.startswith(PACKAGED_PREFIX):
         path = _packaged_folder(spec.removeprefix(PACKAGED_PREFIX))
     elif is_tiny:
-        path = _tiny_random_folder(_tiny_seed(spec, seed))
+        path = _tiny_random_folder(tiny_seed(spec, seed))
     else:
         path = _local_or_hub(spec)
     return ResolvedModel(spec=spec, path=str(path), trust_remote_code=trust_remote_code)
 
 
-def _tiny_seed(spec: str, seed: int | None) -> int:
+def tiny_seed(spec: str, seed: int | None) -> int:
     """The seed of a ``tiny-random[:seed=N]`` spec, reconciled with a ``seed`` kwarg."""
     match = _TINY_RE.match(spec)
     if match is None:

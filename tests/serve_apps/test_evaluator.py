@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from selfmoa_ray.config import ConfigError
 from serve_apps.auth import APIKeyAuth, AuthConfigError, load_api_keys
 from serve_apps.evaluator import EvaluatorAppArgs, build_app, resolve_args
-from serve_apps.limits import install_limits, run_with_timeout
+from serve_apps.limits import install_limits, limited_app, run_with_timeout
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-0123456789abcdef"
@@ -133,6 +133,38 @@ def test_api_keys_from_env_and_secret_file(tmp_path):
     with pytest.raises(AuthConfigError, match="cannot read") as err:
         load_api_keys({"SELFMOA_API_KEYS_FILE": str(tmp_path / "missing")})
     assert KEY not in str(err.value)
+
+
+def test_a_file_that_is_not_a_key_file_is_refused_without_its_content(tmp_path):
+    """Pointed by mistake at an account file, the server must not start with its lines as keys,
+    and the error names the line, never what it holds."""
+    accounts = tmp_path / "passwd"
+    accounts.write_text(
+        "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+    )
+    with pytest.raises(AuthConfigError, match=r"line 1 of .* is not an API key") as err:
+        load_api_keys({"SELFMOA_API_KEYS_FILE": str(accounts)})
+    assert "root" not in str(err.value).replace(str(tmp_path), "")
+    mixed = tmp_path / "keys"
+    mixed.write_text(f"{KEY}\nmy secret pass phrase 1234\n")
+    with pytest.raises(AuthConfigError, match="line 2 of"):
+        load_api_keys({"SELFMOA_API_KEYS_FILE": str(mixed)})
+    with pytest.raises(AuthConfigError, match="SELFMOA_API_KEYS is not an API key"):
+        load_api_keys({"SELFMOA_API_KEYS": "key:with:colons:0123456789"})
+    # Every documented character is accepted: base64, base64url and hex keys all work.
+    keys = ["0123456789abcdef0123", "AbC+/=xyz0123456789=", "a-b_c.d~e0123456789f"]
+    assert load_api_keys({"SELFMOA_API_KEYS": ",".join(keys)}) == keys
+
+
+def test_the_openapi_document_is_served_and_the_swagger_ui_only_on_request():
+    def status(path: str, **flags: bool) -> int:
+        app = limited_app("t", "1", "t", max_body_bytes=1024, **flags)  # type: ignore[arg-type]
+        return TestClient(app).get(path).status_code
+
+    assert status("/openapi.json", docs=False) == 200 and status("/docs", docs=False) == 404
+    assert status("/docs", docs=True) == 200
+    assert status("/docs", docs=True, openapi=False) == 404  # the UI needs the document
+    assert status("/openapi.json", docs=False, openapi=False) == 404
 
 
 def test_auth_and_limits_on_a_plain_fastapi_app():
@@ -389,6 +421,8 @@ def test_oversize_is_413(client):
         b'{"items": []}',  # empty batch
         b'{"items": [{"prompt": "p", "response": "r"}], "extra": 1}',  # unknown field
         b'[{"prompt": "p", "response": "r"}]',  # not an object
+        b'{"items": [{"prompt": "p", "response": "r"}], "details": 0}',  # 0 is not a boolean
+        b'{"items": [{"prompt": "p", "response": "r", "id": 7}]}',  # 7 is not a string
     ],
 )
 def test_malformed_is_422(client, content):
@@ -407,9 +441,12 @@ def test_openapi_docs(client):
     assert {"401", "413", "422", "503", "504"} <= set(evaluate["responses"])
     request = spec["components"]["schemas"]["EvaluateRequest"]
     assert request["properties"]["items"]["maxItems"] == MAX_ITEMS
+    # `{}` is refused (422), and the document says so: a prompt, a response, or both.
+    moderate = spec["components"]["schemas"]["ModerateRequest"]
+    assert [alt["required"] for alt in moderate["anyOf"]] == [["prompt"], ["response"]]
     assert {"bearer", "apiKey"} <= set(spec["components"]["securitySchemes"])
-    docs = client.get("/ev/docs")
-    assert docs.status_code == 200 and "/ev/openapi.json" in docs.text
+    # The Swagger UI loads its scripts from a public CDN: off unless asked for.
+    assert client.get("/ev/docs").status_code == 404
 
 
 def test_concurrent_requests_share_a_batch(client):

@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_apps.policy import (
+    MAX_STOP_CHARS,
     PolicyAppArgs,
     PolicySourceError,
     _StopFilter,
@@ -131,6 +132,12 @@ def test_served_names_and_model_specs(tmp_path):
         resolve_policy(str(tmp_path))
 
 
+def test_a_bad_tiny_random_spec_fails_before_anything_is_deployed():
+    with pytest.raises(PolicySourceError, match="tiny-random:seed=N"):
+        resolve_policy("tiny-random:seed=abc")
+    assert resolve_policy("tiny-random:seed=3").spec == "tiny-random:seed=3"
+
+
 def test_run_folder_serves_its_final_policy(run_dir, tmp_path):
     source = resolve_policy(str(run_dir))
     assert source.spec == str(run_dir / "iter_01" / "policy")
@@ -165,7 +172,26 @@ def test_stop_sequences_are_held_back_while_streaming():
     assert "".join(pieces) == "Hello ENough. " and stops.stopped
     assert stops.feed("ignored") == "" and stops.flush() == ""
     open_ended = _StopFilter(["END"])
-    assert open_ended.feed("abc E") == "abc " and open_ended.flush() == "E"
+    assert open_ended.feed("abc E") == "abc" and open_ended.flush() == " E"
+
+
+def test_the_stop_filter_holds_back_a_bounded_tail():
+    """What it holds back (and scans again at the next piece) never outgrows the longest stop:
+    the cost of each piece is linear in its length, however long the stream."""
+    long_stop = "z" * MAX_STOP_CHARS
+    # No scan for partial stops (quadratic in the stop's length on every piece): the filter
+    # holds back a fixed tail, the most a stop could have begun in, and lets the rest through.
+    held = _StopFilter([long_stop])
+    assert held.feed("a" * 1000) == "a" * (1001 - MAX_STOP_CHARS)
+    assert held.flush() == "a" * (MAX_STOP_CHARS - 1)
+    stops = _StopFilter([long_stop, "END"])
+    streamed = []
+    for i in range(2000):
+        streamed.append(stops.feed(f"piece {i} "))
+        assert len(stops.buffer) <= MAX_STOP_CHARS - 1
+    streamed.append(stops.feed("and the E"))
+    streamed.append(stops.feed("ND of it"))
+    assert stops.stopped and "".join(streamed).endswith("piece 1999 and the ")
 
 
 def test_vllm_llm_config_dict():
@@ -321,6 +347,9 @@ def test_missing_or_wrong_key_is_401(base_url):
         assert _no_trace(json.dumps(err.value.body))
     r = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO})
     assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    assert r.json()["error"]["code"] == "missing_api_key"
+    r = httpx.get(f"{base_url}/v1/models", headers={"X-API-Key": "wrong-key-0123456789abcdef"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{base_url}/v1/models").status_code == 401
 
 
@@ -329,6 +358,68 @@ def test_unknown_model_is_404(client):
         client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
     assert err.value.code == "model_not_found" and SERVED in err.value.message
     assert _no_trace(json.dumps(err.value.body))
+
+
+def test_a_long_model_name_is_not_echoed_back(http):
+    for name in ("m" * 200, "m" * 10_000):
+        r = http.post("/v1/chat/completions", json={"messages": HELLO, "model": name},
+                      headers=AUTH)  # fmt: skip
+        assert r.status_code in (404, 413), r.text
+        assert len(r.content) < 1000 and "m" * 100 not in r.text
+    r = http.get("/v1/models/" + "m" * 5000, headers=AUTH)
+    assert r.status_code == 404 and len(r.content) < 1000
+
+
+def test_stop_sequences_are_bounded(base_url, http):
+    """At most 4 stops of 1 to MAX_STOP_CHARS characters; the longest allowed request body of
+    stop text is refused at once, streamed or not, and the replica stays responsive."""
+    import time
+
+    over = [
+        ["a", "b", "c", "d", "e"],
+        [""],
+        "",
+        "x" * (MAX_STOP_CHARS + 1),
+        ["x" * (MAX_BODY // 2)],
+    ]
+    for stop in over:
+        for stream in (False, True):
+            body = {"messages": HELLO, "max_tokens": 8, "stop": stop, "stream": stream}
+            started = time.perf_counter()
+            r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+            assert r.status_code in (413, 422), (stop, r.text)
+            assert r.json()["error"]["type"] in ("validation_error", "payload_too_large")
+            assert time.perf_counter() - started < 5  # refused, not generated
+    body = {"messages": HELLO, "max_tokens": 8, "stop": ["y" * MAX_STOP_CHARS] * 4, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200 and r.read().decode().rstrip().endswith("data: [DONE]")
+    assert httpx.get(f"{base_url}/healthz").status_code == 200
+
+
+def test_types_are_strict(http):
+    for extra in ({"max_tokens": "4"}, {"max_tokens": True}, {"n": 1.0}, {"stream": 1},
+                  {"temperature": "0.5"}, {"seed": "7"}):  # fmt: skip
+        r = http.post("/v1/chat/completions", json={"messages": HELLO, **extra}, headers=AUTH)
+        assert r.status_code == 422, (extra, r.text)
+    body = {"messages": HELLO, "max_tokens": 2, "temperature": 1}  # an integer is a number
+    assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+
+
+def test_a_temperature_too_small_to_sample_is_greedy(client, http):
+    def text(temperature: float, stream: bool = False) -> str:
+        body = {"messages": HELLO, "max_tokens": 8, "temperature": temperature, "stream": stream}
+        r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 200, r.text
+        if not stream:
+            return r.json()["choices"][0]["message"]["content"]
+        assert "error" not in r.text
+        events = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        return "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
+        )
+
+    assert text(1e-300) == text(0) == text(1e-300, stream=True)
 
 
 def test_max_tokens_over_the_cap_is_422(client, http):
@@ -383,7 +474,6 @@ def test_unsupported_requests_are_400(http):
         {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
         {"messages": HELLO, "logprobs": True},
         {"messages": HELLO, "stream": True, "n": 2},
-        {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]},
         {
             "messages": HELLO,
             "max_tokens": MAX_TOKENS_LIMIT,
@@ -413,4 +503,4 @@ def test_openapi_docs(http):
     assert {"/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"400", "401", "404", "413", "422", "503", "504"} <= set(responses)
-    assert http.get("/docs").status_code == 200
+    assert http.get("/docs").status_code == 404  # the Swagger UI is off unless asked for
