@@ -25,11 +25,20 @@ import pytest
 import yaml
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
+from serve_fuzz import JSON, bodies, check_answer, documented_statuses, fuzz_settings, mostly
 
 from selfmoa_ray.config import ConfigError
 from serve_apps.auth import APIKeyAuth, AuthConfigError, load_api_keys
-from serve_apps.evaluator import EvaluatorAppArgs, build_app, resolve_args
+from serve_apps.evaluator import (
+    EvaluateResponse,
+    EvaluatorAppArgs,
+    ModerateResponse,
+    build_app,
+    resolve_args,
+)
 from serve_apps.limits import install_limits, limited_app, run_with_timeout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -568,3 +577,43 @@ def test_killed_replica_is_replaced(client):
     assert app.status == "RUNNING"
     deployment = app.deployments["EvaluatorDeployment"]
     assert deployment.status == "HEALTHY" and deployment.replica_states.get("RUNNING") == 1
+
+
+# ----------------------------------------------------------------- fuzzing
+
+TEXT = st.one_of(st.text(max_size=200), st.sampled_from([REFUSAL, COMPLIANT]))
+ITEM = st.fixed_dictionaries(
+    {"prompt": TEXT, "response": TEXT}, optional={"id": st.text(max_size=140)}
+)
+ITEMS = mostly(st.lists(ITEM, min_size=1, max_size=3), st.lists(ITEM, max_size=MAX_ITEMS + 1))
+EVALUATE = ({"items": ITEMS}, {"details": st.booleans()})
+MODERATE = ({}, {"prompt": TEXT, "response": TEXT, "details": st.booleans()})
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "answer", "examples"),
+    [
+        ("/v1/evaluate", EVALUATE, EvaluateResponse, 30),
+        ("/v1/moderate", MODERATE, ModerateResponse, 30),
+    ],
+)
+def test_fuzzed_requests_get_no_server_error_and_documented_answers(
+    client, path, fields, answer, examples
+):
+    """A fixed budget of generated requests, valid and not, one at a time (the app under test
+    sheds above 2 at once, on purpose): never a 5xx, only statuses its OpenAPI document lists,
+    errors in the one JSON shape, answers that parse as documented."""
+    seen: Counter[int] = Counter()
+    with httpx.Client(base_url=_url(client, "/ev"), timeout=60) as app:
+        documented = documented_statuses(app, path)
+
+        @fuzz_settings(max_examples=examples)
+        @given(body=mostly(bodies(*fields), JSON))
+        def one(body) -> None:
+            r = app.post(path, json=body, headers=AUTH)
+            seen[r.status_code] += 1
+            check_answer(r, documented, answer)
+
+        one()
+    print("statuses:", dict(seen))
+    assert seen[200] >= 5 and len(seen) >= 2, seen  # answers were scored, not only refused

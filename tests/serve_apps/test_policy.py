@@ -13,10 +13,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
+from serve_fuzz import JSON, bodies, check_answer, documented_statuses, fuzz_settings, mostly
 
 from serve_apps.policy import (
     MAX_STOP_CHARS,
+    ChatCompletion,
     PolicyAppArgs,
     PolicySourceError,
     _StopFilter,
@@ -504,3 +508,62 @@ def test_openapi_docs(http):
     responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"400", "401", "404", "413", "422", "503", "504"} <= set(responses)
     assert http.get("/docs").status_code == 404  # the Swagger UI is off unless asked for
+
+
+# ----------------------------------------------------------------- fuzzing
+
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": mostly(st.sampled_from(["user", "assistant", "system", "developer"]), st.just("tool")),
+        "content": mostly(
+            st.text(max_size=80)
+            | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=40)}),
+                       max_size=3),
+            st.just("x" * (MAX_CHARS + 1)),
+        ),
+    }
+)  # fmt: skip
+CHAT_REQUIRED = {
+    "messages": mostly(
+        st.lists(MESSAGE, min_size=1, max_size=3), st.lists(MESSAGE, max_size=MAX_MESSAGES + 1)
+    )
+}
+CHAT_OPTIONAL = {
+    "model": mostly(st.just(SERVED), st.sampled_from(["gpt-4o", "m" * 300]) | st.text(max_size=20)),
+    "max_tokens": mostly(st.integers(1, 4), st.integers(-1, MAX_TOKENS_LIMIT + 1)),
+    "max_completion_tokens": mostly(st.integers(1, 4), st.integers(-1, MAX_TOKENS_LIMIT + 1)),
+    "temperature": mostly(st.floats(0, 2), st.sampled_from([1e-300, 5e-324]) | st.floats(-1, 3)),
+    "top_p": mostly(st.floats(0.01, 1), st.floats(-0.5, 1.5)),
+    "n": mostly(st.integers(1, 2), st.integers(-1, 4)),
+    "seed": mostly(st.integers(0, 2**63 - 1), st.integers(-5, 2**64)),
+    "stop": mostly(
+        st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=4),
+        st.lists(st.text(max_size=300), max_size=6),
+    ),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+    "logprobs": st.booleans(),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}),
+}
+
+
+def test_fuzzed_chat_requests_get_no_server_error_and_documented_answers(http):
+    """A fixed budget of generated requests, valid and not: never a 5xx, only statuses the
+    OpenAPI document lists, errors in the one JSON shape, answers that parse as documented."""
+    from collections import Counter
+
+    documented = documented_statuses(http, "/v1/chat/completions")
+    seen: Counter[int] = Counter()
+
+    @fuzz_settings(max_examples=100)
+    @given(body=mostly(bodies(CHAT_REQUIRED, CHAT_OPTIONAL), JSON))
+    def one(body) -> None:
+        r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+        seen[r.status_code] += 1
+        check_answer(r, documented, ChatCompletion)
+
+    one()
+    print("statuses:", dict(seen))
+    # The budget reached generation often, and several kinds of refusal besides.
+    assert seen[200] >= 10 and len(seen) >= 4, seen
+    assert http.get("/healthz").status_code == 200
