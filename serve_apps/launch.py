@@ -260,10 +260,9 @@ def describe(schema: Any) -> str:
                       f"    moderate: POST {root}{prefix}/v1/moderate"]  # fmt: skip
         else:
             lines.append(f"  {app.name}: {root}{prefix}")
-        if app.import_path in (POLICY_APP, EVALUATOR_APP):
-            if app.args.get("openapi", True):
-                lines.append(f"    openapi:  {root}{prefix}/openapi.json")
-            if app.args.get("docs", False) and app.args.get("openapi", True):
+        if app.import_path in (POLICY_APP, EVALUATOR_APP) and app.args.get("openapi", True):
+            lines.append(f"    openapi:  {root}{prefix}/openapi.json")
+            if app.args.get("docs", False):
                 lines.append(f"    docs:     {root}{prefix}/docs")
     return "\n".join(lines)
 

@@ -48,6 +48,7 @@ from pydantic_core import PydanticCustomError
 from ray import serve
 from ray.serve import Application
 
+from selfmoa_ray.engines.base import MIN_SAMPLING_TEMPERATURE, is_greedy
 from serve_apps.auth import APIKeyAuth
 from serve_apps.limits import (
     OVERLOADED_DOC,
@@ -66,8 +67,6 @@ OWNER = "selfmoa"
 # OpenAI's limit of 4 stop sequences, each at most this long: the stop checks scan a tail of this
 # many characters per generated token, so the bound is what keeps them cheap.
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
-# Below this a temperature cannot be sampled (logits / T overflow to inf): it means greedy.
-MIN_SAMPLING_TEMPERATURE = 1e-3
 MAX_NAME_CHARS = 256  # a `model` name; error messages quote at most ECHO_CHARS of it
 ECHO_CHARS = 64
 
@@ -449,7 +448,7 @@ class _Job:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < MIN_SAMPLING_TEMPERATURE
+        return is_greedy(self.temperature)
 
 
 @dataclass

@@ -18,19 +18,26 @@ import numpy as np
 
 PROMPT = "prompt"  # the column of a raw (completion-mode) prompt
 OUTPUT_COLUMNS = ("sample_index", "response", "prompt_tokens", "response_tokens", "finish_reason")
+# Below this a temperature cannot be sampled (logits / T overflow to inf): it means greedy.
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether ``temperature`` decodes greedily: 0, or too small to sample from."""
+    return temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (or below MIN_SAMPLING_TEMPERATURE) means greedy
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return is_greedy(self.temperature)
 
 
 class MalformedRowError(ValueError):

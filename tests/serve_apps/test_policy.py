@@ -8,6 +8,7 @@ resolution and the vLLM config builder are also checked on their own, without Ra
 
 import json
 import socket
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -550,8 +551,6 @@ CHAT_OPTIONAL = {
 def test_fuzzed_chat_requests_get_no_server_error_and_documented_answers(http):
     """A fixed budget of generated requests, valid and not: never a 5xx, only statuses the
     OpenAPI document lists, errors in the one JSON shape, answers that parse as documented."""
-    from collections import Counter
-
     documented = documented_statuses(http, "/v1/chat/completions")
     seen: Counter[int] = Counter()
 
