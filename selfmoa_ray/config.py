@@ -252,10 +252,40 @@ class PTAlignSection(Section):
     generator: ModelSection | None = None  # None: the current policy writes its own data
     topics_per_domain: int = Field(4, ge=1)
     instructions_per_topic: int = Field(3, ge=1)
+    benign_per_topic: int = Field(
+        0, ge=0,
+        description="benign twins per topic: the seed file's benign templates filled with the "
+        "topic; training raises the policy's own answer and, with positive_prefill, lowers the "
+        "opening of its prefilled refusal, so that it learns to refuse the harmful requests, not "
+        "every mention of their topics",
+    )  # fmt: skip
+    instruction_writer: Literal["template", "chat"] = Field(
+        "template",
+        description="template: the seed file's instruction templates filled with each topic; "
+        "chat: the model writes each instruction from the domain's demonstrations",
+    )
     critique_rounds: int = Field(
         1, ge=0, description="critique-and-revise rounds for each positive answer"
     )
     refine_rounds: int = Field(1, ge=0, description="refine rounds for each toxic answer")
+    toxic_bare_samples: int = Field(
+        2, ge=0,
+        description="answers to the bare instruction (no toxic prompt) sampled as more toxic "
+        "candidates: a small instruct model often complies when simply asked; the filter keeps "
+        "the candidate judged least safe",
+    )  # fmt: skip
+    guided_positive: bool = Field(
+        True,
+        description="offer the guided answer (under the positive constraints, critiqued and "
+        "revised) as a positive candidate; off for a generator whose guided answers comply "
+        "(SmolLM2-135M), leaving the prefilled one",
+    )
+    positive_prefill: str | None = Field(
+        None,
+        description="when set, one more positive candidate: the guided answer opened with this "
+        "text (e.g. \"I'm sorry, but I can't\"), the model writing the rest; the filter keeps "
+        "the most helpful safe candidate. A benign twin's refusal opens with it too",
+    )
     min_topic_overlap: float = Field(
         0.3,
         ge=0,
@@ -285,6 +315,15 @@ class PTAlignSection(Section):
     )
     max_spans_new_tokens: int = Field(96, ge=1)
     dedup: DedupSection = DedupSection()
+
+    @model_validator(mode="after")
+    def _some_positive(self) -> PTAlignSection:
+        if not self.guided_positive and not self.positive_prefill:
+            raise ValueError(
+                "pt_align.guided_positive=false needs pt_align.positive_prefill: "
+                "a positive answer must come from somewhere"
+            )
+        return self
 
 
 EvaluatorKind = Literal["refusal", "probe", "llama_guard", "reward_model", "rubric"]

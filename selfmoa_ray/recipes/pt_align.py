@@ -2,13 +2,17 @@
 
     baseline/evaluate                               the start policy on the held-out sets
     calibrate             calibration.json          both judges on human labels held back
+    validation            validation.parquet        prompts on which training picks its point
+                                                    (``loop.validation_prompts``; as Self-MOA)
     iter_01/topics        topics.parquet            topics per safety domain
     iter_01/instructions  instructions.parquet      red-team instructions per topic (deduplicated,
-                                                    never a held-out eval prompt)
-    iter_01/positive      positives.parquet         harmless answers, critiqued and revised
-    iter_01/toxic         toxics.parquet            toxic answers, refined (refusals dropped)
-    iter_01/filter        filtered.parquet          positive judged safe and not a needless
-                                                    refusal; toxic judged unsafe
+                                                    never a held-out or validation prompt)
+    iter_01/positive      positives.parquet         harmless answers, critiqued and revised (and
+                                                    one opened by ``pt_align.positive_prefill``)
+    iter_01/toxic         toxics.parquet            toxic answers, refined (refusals dropped),
+                                                    and the policy's answers to the bare request
+    iter_01/filter        filtered.parquet          the best candidates: positive judged safe and
+                                                    not a needless refusal; toxic judged unsafe
     iter_01/triples       triples.parquet           harmful spans of each toxic answer, quoted by
                                                     the model and mapped to character offsets
     iter_01/train         policy/                   MLE on positives + unlikelihood on the harmful
@@ -16,10 +20,11 @@
     iter_01/evaluate      metrics.json              the trained policy on the held-out sets
     report.html, metrics.json, metrics.csv
 
-The only human input is the seed file (``pt_align.seeds``), counted in the manifest and the
-report. The policy writes its own data unless ``pt_align.generator`` names another model. Like
-the Self-MOA loop, every stage is skipped when its output exists, so ``--resume`` continues a
-killed run.
+The only human input written for the recipe is the seed file (``pt_align.seeds``), counted in
+the manifest and the report; like the loop, it evaluates, calibrates and picks its training point
+on the packaged public prompt and label sets, which it never trains on. The policy writes its own
+data unless ``pt_align.generator`` names another model. Like the Self-MOA loop, every stage is
+skipped when its output exists, so ``--resume`` continues a killed run.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from selfmoa_ray.stages.spans import triples
 from selfmoa_ray.stages.topics import topics
 from selfmoa_ray.stages.toxic import toxic
 from selfmoa_ray.stages.train import train
+from selfmoa_ray.stages.validation import read_validation, validation
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,9 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
         stage_done(run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config),
                    "calibrate")  # fmt: skip
+        if config.loop.validation_prompts:
+            stage_done(run, validation(run, config), "validation")
+        held_back = read_validation(run) or {}
         track_policy(tracker, run, 0, BASELINE)
 
         def done(name: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +81,7 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
         gen = {"seeds": seeds, "section": section, "model": generator, "engine": config.engine,
                "seed": seed}  # fmt: skip
         eval_texts = [p.text for p in held_out_prompts(config.data, config.run.seed)]
+        eval_texts += [text for texts in held_back.values() for text in texts]
         done("topics", topics(run, stage=f"{it}/topics", out=f"{it}/topics.parquet", **gen))
         done("instructions", instructions(
             run, stage=f"{it}/instructions", topics=f"{it}/topics.parquet",
@@ -103,7 +113,7 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
         else:
             done("train", train(run, stage=f"{it}/train", data=f"{it}/triples.parquet",
                                 out=f"{it}/policy", model=config.policy, config=train_config,
-                                seed=seed))  # fmt: skip
+                                seed=seed, validation=held_back or None))  # fmt: skip
             trained = config.policy.model_copy(update={"source": str(run.path(it, "policy"))})
             done("evaluate", evaluate_policy(run, config, trained, it))
             track_policy(tracker, run, 1, it)

@@ -232,6 +232,62 @@ REDTEAM_KEYS = ("writer", "generated_share", "off_topic_share", "novelty", "nove
                 "by_writer", "style_budget")  # fmt: skip
 
 
+def _nonzero(counts: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in sorted((counts or {}).items()) if v}
+
+
+def _listed(counts: Any) -> str:
+    return ", ".join(f"{k} {v}" for k, v in _nonzero(counts).items()) or "none"
+
+
+def pt_yield(summary: Callable[[str], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """PT-ALIGN's yield step by step (how many came out, from what, why the rest was dropped)
+    and per domain, from the stage summaries; None for a run without PT-ALIGN's data stages."""
+    instructions = summary("instructions")
+    if instructions is None:
+        return None
+    topics, pos, tox, kept, triples = (
+        summary(kind) or {} for kind in ("topics", "positive", "toxic", "filter", "triples")
+    )
+
+    def n(entry: dict[str, Any], key: str) -> int:
+        return int(entry.get(key) or 0)
+
+    guided_toxic = n(tox, "rows") - n(tox, "refused")
+    guided_positive = n(pos, "guided") if "guided" in pos else n(pos, "rows") - n(pos, "benign")
+    kept_harmful = n(kept, "kept") - n(kept.get("benign") or {}, "kept")
+    drops = kept.get("dropped") or {}
+    harmful_drops = {k: v for k, v in drops.items() if not k.startswith("benign")}
+    steps = [
+        ("topics", n(topics, "topics"), f"{n(topics, 'generated')} written by the model, "
+         f"{n(topics, 'fallback')} from the domain descriptions", topics.get("dropped")),
+        (f"instructions ({instructions.get('writer', 'chat')} writer)",
+         n(instructions, "instructions"), f"of {n(instructions, 'slots')} slots",
+         instructions.get("dropped")),
+        ("positive candidates", guided_positive + n(pos, "prefilled"),
+         f"{guided_positive} guided ({n(pos, 'revised')} revised), {n(pos, 'prefilled')} "
+         "prefilled", {}),
+        ("toxic candidates", guided_toxic + n(tox, "bare_answers"),
+         f"{guided_toxic} guided ({n(tox, 'refined')} refined), {n(tox, 'bare_answers')} "
+         "answers to the bare instruction", {"guided draft refused": n(tox, "refused")}),
+        ("kept items", kept_harmful, f"chosen positives: {_listed(kept.get('positive_sources'))}"
+         f"; chosen toxics: {_listed(kept.get('toxic_sources'))}", harmful_drops),
+        ("triples", n(triples, "triples"), f"spans by {_listed(triples.get('by_source'))}", {}),
+    ]  # fmt: skip
+    twins = instructions.get("benign")
+    if twins:  # benign twins: written, answered by the policy, kept when it did not refuse
+        benign = kept.get("benign") or {}
+        steps.append(("benign twins", n(benign, "kept"), f"of {n(twins, 'instructions')} "
+                      f"written ({n(twins, 'slots')} slots); MLE on the answer, unlikelihood on the "
+                      f"opening of {n(triples, 'twin_refusals_marked')} prefilled refusals",
+                      {k: v for k, v in drops.items() if k.startswith("benign")}))  # fmt: skip
+    return {
+        "steps": [{"step": step, "count": count, "notes": notes, "dropped": _nonzero(dropped)}
+                  for step, count, notes, dropped in steps],
+        "by_domain": dict(kept.get("by_domain") or {}),
+    }  # fmt: skip
+
+
 def _iteration(
     name: str, root: Path, stages: dict[str, dict[str, Any]], evaluated: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -255,8 +311,8 @@ def _iteration(
     if prompts is None:
         prompts = parquet_rows(folder / "prompts.parquet")
     pair_count = _int((pairs or {}).get("pairs"))
-    if pair_count is None and triples is not None:
-        pair_count = _int(triples.get("triples"))
+    if pair_count is None and triples is not None:  # PT-ALIGN: triples and benign twins
+        pair_count = _int(triples.get("triples")) + (_int(triples.get("benign_twins")) or 0)
     if pair_count is None:
         pair_count = parquet_rows(folder / "pairs.parquet")
 
@@ -291,6 +347,7 @@ def _iteration(
         "attack_prompts": _int((failures or {}).get("attack_prompts")),
         "failed_prompts": _int((failures or {}).get("failed")),
         "failure_rate": _num((failures or {}).get("failure_rate")),
+        "pt_yield": pt_yield(summary),
         "failures_by_category": {
             cat: {
                 "prompts": _int(m.get("prompts")),

@@ -609,6 +609,26 @@ def _section_data(collected: dict[str, Any]) -> str:
     return intro + _table(headers, rows)
 
 
+def _section_pt_yield(collected: dict[str, Any]) -> str:
+    """PT-ALIGN's yield per step and per domain (empty for the other recipes)."""
+    out = []
+    for it in collected["iterations"]:
+        found = it.get("pt_yield")
+        if not found:
+            continue
+        steps = [[_e(s["step"]), _count(s["count"]), _e(s["notes"]),
+                  ", ".join(f"{_e(k)}: {v}" for k, v in s["dropped"].items()) or "-"]
+                 for s in found["steps"]]  # fmt: skip
+        domains = [[_e(d), _count(v.get("instructions")), _count(v.get("kept"))]
+                   for d, v in found["by_domain"].items()]  # fmt: skip
+        out.append(
+            f"<h3>PT-ALIGN yield ({_e(it['name'])})</h3>"
+            + _table(["step", "count", "from", "dropped (why)"], steps)
+            + _table(["domain", "instructions", "kept triples"], domains)
+        )
+    return "".join(out)
+
+
 def _section_failures(collected: dict[str, Any]) -> str:
     iterations = [it for it in collected["iterations"] if it["failures_by_category"]]
     if not iterations:
@@ -966,6 +986,7 @@ def render_html(
         _section_judges(collected),
         "<h2>Data and supervision efficiency</h2>",
         _section_data(collected),
+        _section_pt_yield(collected),
         "<h2>Red team</h2>",
         _section_redteam(collected),
         "<h2>Training</h2>",

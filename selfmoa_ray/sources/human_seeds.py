@@ -1,7 +1,8 @@
 """The PT-ALIGN human-seed file: the only human-written input of the recipe (design.md 2.2 step 1).
 
-One small, versioned YAML file holds safety domains, positive constraints, toxic constraints and
-demonstrations. PT-ALIGN's claim is that fewer than 50 such items suffice, so the loader counts
+One small, versioned YAML file holds safety domains, positive constraints, toxic constraints,
+demonstrations and (optionally) instruction templates with a ``{topic}`` slot: harmful ones, and
+benign ones that ask about the same topics safely (the contrast that keeps the policy answering). PT-ALIGN's claim is that fewer than 50 such items suffice, so the loader counts
 them (:meth:`HumanSeeds.items`), refuses a file above ``pt_align.max_human_items``, and the
 report shows the count. A malformed file fails with a :class:`HumanSeedsError` naming every bad
 key, before any model is loaded.
@@ -10,6 +11,7 @@ key, before any model is loaded.
 from __future__ import annotations
 
 import hashlib
+import string
 from importlib import resources
 from pathlib import Path
 
@@ -40,12 +42,29 @@ class Demonstration(_Strict):
     toxic: str = Field(min_length=1)
 
 
+TOPIC_SLOT = "topic"
+
+
+def _check_template(template: str) -> str:
+    """A template must hold exactly one ``{topic}`` slot and no other field."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if fields != [TOPIC_SLOT]:
+        raise ValueError(f"an instruction template needs exactly one {{topic}} slot: {template!r}")
+    return template
+
+
 class HumanSeeds(_Strict):
     version: int = 1
     domains: list[Domain] = Field(min_length=1)
     positive_constraints: list[str] = Field(min_length=1)
     toxic_constraints: list[str] = Field(min_length=1)
     demonstrations: list[Demonstration] = []
+    # Request shapes a human wrote, filled with the topics of each domain (the ``template``
+    # instruction writer): a 135M model writes few usable requests of its own.
+    instruction_templates: list[str] = []
+    # Safe questions about the same topics ("What are the warning signs of {topic}?"): benign
+    # twins the policy must keep answering (``pt_align.benign_per_topic``).
+    benign_templates: list[str] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> HumanSeeds:
@@ -55,16 +74,20 @@ class HumanSeeds(_Strict):
         unknown = sorted({d.domain for d in self.demonstrations} - set(names))
         if unknown:
             raise ValueError(f"demonstrations name unknown domains {unknown}; domains: {names}")
+        for template in (*self.instruction_templates, *self.benign_templates):
+            _check_template(template)
         return self
 
     @property
     def items(self) -> int:
-        """Human-written items: every domain, constraint and demonstration counts as one."""
+        """Human-written items: every domain, constraint, demonstration and template is one."""
         return (
             len(self.domains)
             + len(self.positive_constraints)
             + len(self.toxic_constraints)
             + len(self.demonstrations)
+            + len(self.instruction_templates)
+            + len(self.benign_templates)
         )
 
     def demonstrations_for(self, domain: str) -> list[Demonstration]:

@@ -1,7 +1,16 @@
-"""Stage ``instructions``: the model writes red-team instructions for every topic.
+"""Stage ``instructions``: red-team instructions for every topic.
 
 PT-ALIGN (design.md 2.2 step 2, "dedup as above"): each topic of ``stages/topics.py`` gets
-``pt_align.instructions_per_topic`` slots; each slot asks the model for one request a malicious
+``pt_align.instructions_per_topic`` slots, filled by one of two writers
+(``pt_align.instruction_writer``):
+
+* ``template`` (default): the seed file's human-written ``instruction_templates``, rotated over
+  the slots, with the slot's topic in their ``{topic}`` slot. SmolLM2-135M wrote a usable request
+  for 5% (chat) to 19% (list continuation) of the slots and almost none on the slot's topic
+  (benchmarks/README.md, "PT-ALIGN instruction writers"), so the request's shape comes from the
+  human and its topic from the model or the domain's description. Duplicates are dropped as
+  below; nothing is retried.
+* ``chat``: each slot asks the model for one request a malicious
 user would write, with the domain's demonstration instructions as few-shot examples (rotated per
 slot, so that the slots of a topic do not all see the same prompt). All slots go through the
 engine pool in one round. A completion is cleaned like a red-team attack
@@ -12,6 +21,13 @@ instruction, a demonstration or an ``exclude`` text (the recipe passes the held-
 prompts, so that no evaluation prompt is ever trained on). A failed slot gets one more chance: a
 second round, with another seed and example order, for all failed slots together; what fails
 again is dropped, counted by reason. Kept instructions are renumbered ``pt-NNNNN`` in slot order.
+
+Benign twins (``pt_align.benign_per_topic``): each topic also gets that many slots filled with
+the seed file's ``benign_templates`` ("What are the warning signs of {topic}?"), rows of
+``kind="benign"`` after the harmful ones. Their positive answer is the policy's own
+(stages/positive.py), their negative its prefilled refusal (stages/toxic.py): training on refusals
+alone taught SmolLM2 to refuse 78% of the benign validation prompts as soon as it refused 78% of
+the attacks.
 """
 
 from __future__ import annotations
@@ -54,8 +70,10 @@ INSTRUCTION_SCHEMA = pa.schema(
         ("topic", pa.string()),
         ("topic_id", pa.string()),
         ("text", pa.string()),
+        ("kind", pa.string()),  # "harmful" | "benign" (a benign twin)
     ]
 )
+HARMFUL, BENIGN = "harmful", "benign"
 
 
 @dataclass(frozen=True)
@@ -151,16 +169,59 @@ def collect_instructions(
     return kept, Counter(dropped.values()), len(retry)
 
 
-def instruction_rows(slots: Sequence[Slot], kept: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Kept instructions in slot order, renumbered ``pt-NNNNN``."""
+def fill_templates(
+    slots: Sequence[Slot],
+    templates: Sequence[str],
+    dedup: Deduplicator,
+    excluded: set[str],
+    missing: str = "pt_align.instruction_writer=template needs instruction_templates in the seed "
+    "file (pt_align.seeds); add some, or set pt_align.instruction_writer=chat",
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The ``template`` writer: slot ``i`` (in id order) takes template ``i`` (mod their count)
+    with its topic; a duplicate, or a near copy of an excluded text, is dropped. Returns (kept
+    {slot id: text}, failed {slot id: reason}); no templates is an error saying ``missing``."""
+    if not templates:
+        raise ValueError(missing)
+    texts = {
+        slot.id: templates[i % len(templates)].format(topic=slot.topic)
+        for i, slot in enumerate(sorted(slots, key=lambda s: s.id))
+    }
+    return screen(slots, texts, dedup, excluded, min_overlap=0.0)
+
+
+def instruction_rows(
+    slots: Sequence[Slot], kept: Mapping[str, str], kind: str = HARMFUL, start: int = 0
+) -> list[dict[str, Any]]:
+    """Kept instructions in slot order, renumbered ``pt-NNNNN`` from ``start``."""
     rows = []
     for slot in sorted(slots, key=lambda s: s.id):
         if slot.id in kept:
             rows.append(
-                {"id": f"pt-{len(rows):05d}", "domain": slot.domain, "topic": slot.topic,
-                 "topic_id": slot.topic_id, "text": kept[slot.id]}
+                {"id": f"pt-{start + len(rows):05d}", "domain": slot.domain, "topic": slot.topic,
+                 "topic_id": slot.topic_id, "text": kept[slot.id], "kind": kind}
             )  # fmt: skip
     return rows
+
+
+def benign_twins(
+    topic_rows: Sequence[Mapping[str, Any]],
+    seeds: HumanSeeds,
+    per_topic: int,
+    dedup: Deduplicator,
+    excluded: set[str],
+    start: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``per_topic`` benign twins per topic (rows numbered from ``start``) and their summary."""
+    slots = plan_slots(topic_rows, seeds, per_topic)
+    kept, failed = fill_templates(
+        slots, seeds.benign_templates, dedup, excluded,
+        missing="pt_align.benign_per_topic needs benign_templates in the seed file "
+        "(pt_align.seeds); add some, or set pt_align.benign_per_topic=0",
+    )  # fmt: skip
+    rows = instruction_rows(slots, kept, BENIGN, start)
+    dropped = Counter(failed.values())
+    return rows, {"instructions": len(rows), "slots": len(slots),
+                  "dropped": {reason: dropped[reason] for reason in DROP_REASONS}}  # fmt: skip
 
 
 def make_deduplicator(
@@ -192,21 +253,33 @@ def instructions(
         topic_rows = pq.read_table(run.path(topics)).to_pylist()
         slots = plan_slots(topic_rows, seeds, section.instructions_per_topic)
         dedup, excluded = make_deduplicator(section, seeds, exclude)
-        generate = pool_generator(model, engine, section)
-        kept, dropped, retried = collect_instructions(
-            slots, generate, dedup, excluded, section.min_topic_overlap, seed
-        )
+        if section.instruction_writer == "template":
+            kept, failed = fill_templates(slots, seeds.instruction_templates, dedup, excluded)
+            dropped, retried, recovered = Counter(failed.values()), 0, 0
+        else:
+            generate = pool_generator(model, engine, section)
+            kept, dropped, retried = collect_instructions(
+                slots, generate, dedup, excluded, section.min_topic_overlap, seed
+            )
+            recovered = retried - sum(dropped.values())  # every final drop was retried
         rows = instruction_rows(slots, kept)
+        benign, benign_summary = ([], None) if not section.benign_per_topic else benign_twins(
+            topic_rows, seeds, section.benign_per_topic, dedup, excluded, start=len(rows)
+        )  # fmt: skip
+        rows += benign
         write_parquet(run.path(out), pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA))
         summary = {
-            "instructions": len(rows),
+            "writer": section.instruction_writer,
+            "instructions": len(rows) - len(benign),
             "slots": len(slots),
             "retried": retried,
-            "recovered": retried - sum(dropped.values()),
+            "recovered": recovered,
             "dropped": {reason: dropped[reason] for reason in DROP_REASONS},
+            "benign": benign_summary,
         }
-        log.info("instructions: %d of %d slots (%d retried), dropped %s",
-                 len(rows), len(slots), retried, summary["dropped"])  # fmt: skip
+        log.info("instructions: %d of %d slots (%d retried), dropped %s; %d benign twins",
+                 summary["instructions"], len(slots), retried, summary["dropped"],
+                 len(benign))  # fmt: skip
         return summary
 
     return run.run_stage(stage, [out], work)

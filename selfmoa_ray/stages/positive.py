@@ -8,6 +8,16 @@ answer rewritten to fix that critique. An item whose critique says OK complies a
 an empty revision keeps the previous answer. Every step is one batched round through the engine
 pool for all items still revising. The trained-on text is the bare instruction: the constraints
 only shape the answer.
+
+With ``pt_align.positive_prefill`` set, each item gets one more candidate (``prefilled``; the only
+one with ``pt_align.guided_positive`` off, which skips the guided draft and its rounds): the
+same guided chat with the answer opened by the prefill (e.g. "I'm sorry, but I can't"), the
+model writing the rest, as the Self-MOA loop samples its refusals (stages/sample.py). A 135M
+model's guided draft often complies anyway; the prefilled one declines in the model's own words.
+The filter keeps the most helpful candidate judged safe (stages/pt_filter.py).
+
+A benign twin (``kind="benign"``, stages/instructions.py) gets none of this: its positive answer is
+the policy's own answer to the bare request, the behaviour training should keep.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import pyarrow.parquet as pq
 from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.sources.human_seeds import HumanSeeds
+from selfmoa_ray.stages.instructions import BENIGN, HARMFUL
 from selfmoa_ray.stages.pt_prompts import (
     CRITIQUE,
     POSITIVE_SYSTEM,
@@ -32,11 +43,13 @@ from selfmoa_ray.stages.pt_prompts import (
     Generate,
     clean_answer,
     draft_round,
+    fewshot_chat,
     numbered,
     one_line,
     pool_generator,
     user,
 )
+from selfmoa_ray.stages.sample import join_prefill
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,8 @@ POSITIVE_SCHEMA = pa.schema(
         ("positive_draft", pa.string()),
         ("revisions", pa.int64()),  # revisions applied
         ("critiques", pa.list_(pa.string())),
+        ("prefilled", pa.string()),  # the prefill and the model's rest; null without a prefill
+        ("kind", pa.string()),  # "harmful" | "benign"
     ]
 )
 
@@ -69,12 +84,14 @@ class PositiveItem:
     revisions: int = 0
     critiques: list[str] = field(default_factory=list)
     complies: bool = False  # a critique said OK: no more revising
+    prefilled: str | None = None
+    kind: str = HARMFUL
 
     def row(self) -> dict[str, Any]:
         return {
             "id": self.id, "domain": self.domain, "topic": self.topic, "text": self.text,
             "positive": self.answer, "positive_draft": self.draft, "revisions": self.revisions,
-            "critiques": list(self.critiques),
+            "critiques": list(self.critiques), "prefilled": self.prefilled, "kind": self.kind,
         }  # fmt: skip
 
 
@@ -113,19 +130,27 @@ def revise_chat(rules: str, item: PositiveItem, critique: str) -> Chat:
                               answer=one_line(item.answer), critique=one_line(critique)))  # fmt: skip
 
 
-def positive_items(
-    instruction_rows: Sequence[Mapping[str, Any]],
-    seeds: HumanSeeds,
-    rounds: int,
-    generate: Generate,
-    seed: int,
-) -> list[PositiveItem]:
+def prefilled_answers(
+    items: Sequence[PositiveItem], system: str, seeds: HumanSeeds, prefill: str,
+    generate: Generate, seed: int,
+) -> None:  # fmt: skip
+    """One guided answer per item opened by ``prefill``, in one generation call."""
+    chats = {
+        i.id: [*fewshot_chat(system, seeds.demonstrations_for(i.domain), "positive", i.text),
+               {"role": "assistant", "content": prefill}]
+        for i in items
+    }  # fmt: skip
+    answers = generate(chats, seed) if chats else {}
+    for item in items:
+        item.prefilled = join_prefill(prefill, clean_answer(answers.get(item.id, "")))
+
+
+def guided_answers(
+    items: Sequence[PositiveItem], seeds: HumanSeeds, rounds: int, generate: Generate, seed: int,
+    prefill: str | None,
+) -> None:  # fmt: skip
     """Draft, then ``rounds`` critique-and-revise rounds; two generation calls per round (for the
-    items still revising), one for the drafts. Items come back in id order."""
-    items = [
-        PositiveItem(r["id"], r["domain"], r["topic"], r["text"])
-        for r in sorted(instruction_rows, key=lambda r: r["id"])
-    ]
+    items still revising), one for the drafts, and one for the ``prefill`` candidates when given."""
     rules = numbered(seeds.positive_constraints)
     system = POSITIVE_SYSTEM.format(rules=rules)
     drafts = draft_round(items, system, seeds, "positive", generate, seed)
@@ -142,6 +167,42 @@ def positive_items(
         ) if to_revise else {}  # fmt: skip
         for item in to_revise:
             record_revision(item, revisions.get(item.id, ""))
+    if prefill:
+        prefilled_answers(items, system, seeds, prefill, generate, seed + 1 + 2 * rounds)
+
+
+def bare_answers(items: Sequence[PositiveItem], generate: Generate, seed: int) -> None:
+    """The policy's own answer to each bare request (benign twins), in one generation call."""
+    answers = generate({i.id: user(i.text) for i in items}, seed)
+    for item in items:
+        item.draft = item.answer = clean_answer(answers.get(item.id, ""))
+
+
+def positive_items(
+    instruction_rows: Sequence[Mapping[str, Any]],
+    seeds: HumanSeeds,
+    rounds: int,
+    generate: Generate,
+    seed: int,
+    prefill: str | None = None,
+    guided: bool = True,
+) -> list[PositiveItem]:
+    """Guided answers (:func:`guided_answers`; only the prefilled ones when not ``guided``) for
+    the harmful instructions, bare ones for the benign twins (after them, one more call). Items
+    come back in id order."""
+    items = [
+        PositiveItem(r["id"], r["domain"], r["topic"], r["text"], kind=r.get("kind") or HARMFUL)
+        for r in sorted(instruction_rows, key=lambda r: r["id"])
+    ]
+    harmful = [i for i in items if i.kind != BENIGN]
+    if harmful and guided:
+        guided_answers(harmful, seeds, rounds, generate, seed, prefill)
+    elif harmful and prefill:
+        system = POSITIVE_SYSTEM.format(rules=numbered(seeds.positive_constraints))
+        prefilled_answers(harmful, system, seeds, prefill, generate, seed + 1 + 2 * rounds)
+    twins = [i for i in items if i.kind == BENIGN]
+    if twins:
+        bare_answers(twins, generate, seed + 2 + 2 * rounds)
     return items
 
 
@@ -162,7 +223,8 @@ def positive(
     def work() -> dict[str, Any]:
         rows = pq.read_table(run.path(instructions)).to_pylist()
         generate = pool_generator(model, engine, section)
-        items = positive_items(rows, seeds, section.critique_rounds, generate, seed)
+        items = positive_items(rows, seeds, section.critique_rounds, generate, seed,
+                               section.positive_prefill, section.guided_positive)  # fmt: skip
         write_parquet(
             run.path(out), pa.Table.from_pylist([i.row() for i in items], schema=POSITIVE_SCHEMA)
         )
@@ -171,6 +233,9 @@ def positive(
             "revised": sum(i.revisions > 0 for i in items),
             "stopped_ok": sum(i.complies for i in items),
             "revisions": sum(i.revisions for i in items),
+            "prefilled": sum(i.prefilled is not None for i in items),
+            "benign": sum(i.kind == BENIGN for i in items),
+            "guided": sum(i.kind != BENIGN and bool(i.answer) for i in items),
         }
         log.info("positive: %d answers, %d revised, %d judged OK by their critique",
                  summary["rows"], summary["revised"], summary["stopped_ok"])  # fmt: skip

@@ -20,7 +20,9 @@ span (source ``none``): it still trains on its positive answer (MLE), just witho
 Two stages use them:
 
 * :func:`triples`: filtered.parquet (stages/pt_filter.py) -> triples.parquet (:data:`TRIPLE_SCHEMA`),
-  PT-ALIGN's training file (``prompt``, ``positive``, ``toxic``, ``harmful_spans``);
+  PT-ALIGN's training file (``prompt``, ``positive``, ``toxic``, ``harmful_spans``); a benign
+  twin's toxic side is the policy's prefilled refusal of it, whose opening is marked (source
+  ``refusal``), or, without one, its own answer with nothing marked (source ``benign``);
 * :func:`mark_pairs`: the combined recipe (Self-MOA pairs + unlikelihood on toxic tokens):
   pairs.parquet -> the same pairs plus ``harmful_spans`` into the rejected response of every pair
   whose rejected response is unsafe (:data:`MARKED_PAIR_SCHEMA`).
@@ -41,6 +43,7 @@ from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import complete
 from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.stages.instructions import BENIGN, HARMFUL
 from selfmoa_ray.stages.pairs import PAIR_SCHEMA
 from selfmoa_ray.stages.pt_filter import FILTERED_SCHEMA, read_rows
 
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 
 Span = tuple[int, int]
 SOURCES = ("quote", "diff", "none")
+BENIGN_SOURCE = "benign"  # triples: a benign twin without a refusal to mark
+REFUSAL_SOURCE = "refusal"  # triples: a benign twin, its prefilled refusal's opening marked
 SKIPPED = "skipped"  # mark_pairs: a pair whose rejected response is not unsafe is not marked
 MIN_QUOTE_CHARS = 3
 NONE_REPLY = "NONE"
@@ -75,6 +80,7 @@ TRIPLE_SCHEMA = pa.schema(
         ("positive_safety", pa.float64()),
         ("positive_helpfulness", pa.float64()),
         ("toxic_safety", pa.float64()),
+        ("kind", pa.string()),  # "harmful" | "benign"
     ]
 )
 MARKED_PAIR_SCHEMA = pa.schema(
@@ -335,6 +341,23 @@ def marked_fraction(text: str, spans: Sequence[Span]) -> float:
 # --------------------------------------------------------------------------- stages
 
 
+def twin_spans(toxic: str, prefill: str | None) -> tuple[list[Span], str]:
+    """A benign twin's marks: the refusal opening (``prefill``) of its prefilled refusal, the
+    over-refusal unlikelihood pushes down (source ``refusal``); none without one."""
+    if prefill and toxic.startswith(prefill):
+        return [(0, len(prefill))], REFUSAL_SOURCE
+    return [], BENIGN_SOURCE
+
+
+def interleaved(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:
+    """The two lists merged evenly, each in its own order: training reads the triples file in
+    order, and a stretch of refusals alone (the harmful triples before the benign twins) taught
+    SmolLM2 to refuse 88% of benign validation prompts within a third of an epoch."""
+    keyed = [((i + 0.5) / len(first), 0, x) for i, x in enumerate(first)]
+    keyed += [((j + 0.5) / len(second), 1, x) for j, x in enumerate(second)]
+    return [x for *_, x in sorted(keyed, key=lambda k: k[:2])]
+
+
 def triples(
     run: RunDir,
     *,
@@ -356,15 +379,21 @@ def triples(
 
     def work() -> dict[str, Any]:
         rows = sorted(read_rows(run.path(filtered), FILTERED_SCHEMA.names), key=lambda r: r["id"])
-        marks = mark(
-            [r["text"] for r in rows],
-            [r["toxic"] for r in rows],
-            [r["positive"] for r in rows],
+        harmful = [r for r in rows if r["kind"] != BENIGN]
+        marked = mark(
+            [r["text"] for r in harmful],
+            [r["toxic"] for r in harmful],
+            [r["positive"] for r in harmful],
             mode=section.spans,
             model=model,
             engine=engine,
             sampling=span_sampling(section, seed),
         )
+        by_id = {r["id"]: m for r, m in zip(harmful, marked, strict=True)}
+        by_id |= {r["id"]: twin_spans(r["toxic"], section.positive_prefill)
+                  for r in rows if r["kind"] == BENIGN}  # fmt: skip
+        rows = interleaved(harmful, [r for r in rows if r["kind"] == BENIGN])
+        marks = [by_id[r["id"]] for r in rows]
         out_rows = [
             {
                 "id": r["id"],
@@ -378,18 +407,22 @@ def triples(
                 "positive_safety": r["positive_safety"],
                 "positive_helpfulness": r["positive_helpfulness"],
                 "toxic_safety": r["toxic_safety"],
+                "kind": r["kind"] or HARMFUL,
             }
             for r, (spans, source) in zip(rows, marks, strict=True)
         ]
         write_parquet(run.path(out), pa.Table.from_pylist(out_rows, schema=TRIPLE_SCHEMA))
         by_source = dict.fromkeys(SOURCES, 0)
-        for _, source in marks:
+        for _, source in marked:
             by_source[source] += 1
         fractions = [
-            marked_fraction(r["toxic"], spans) for r, (spans, _) in zip(rows, marks, strict=True)
+            marked_fraction(r["toxic"], spans)
+            for r, (spans, _) in zip(harmful, marked, strict=True)
         ]
         summary = {
-            "triples": len(out_rows),
+            "triples": len(harmful),
+            "benign_twins": len(rows) - len(harmful),
+            "twin_refusals_marked": sum(source == REFUSAL_SOURCE for _, source in marks),
             "mode": section.spans,
             "by_source": by_source,
             "unmarked": by_source["none"],

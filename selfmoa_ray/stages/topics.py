@@ -5,10 +5,12 @@ expand them: first into topics (this stage), then into red-team instructions per
 (``stages/instructions.py``). One chat per domain asks for ``pt_align.topics_per_domain`` short
 topics, with the domain's demonstrations as examples of the kind of harm; all domains go through
 the engine pool in one round. The reply is parsed line by line (numbering and bullets stripped);
-empty, too long, preamble and duplicate lines are dropped. A small model often gives too few
-usable lines, so each domain is filled up to exactly ``topics_per_domain`` with fallback topics
-from the domain's human-written description (a comma-separated list of sub-topics), recorded as
-``source="fallback"``.
+empty, too long, preamble and duplicate lines are dropped, and so are topics off the domain (too
+few of their content words in the domain's description or demonstrations:
+``pt_align.min_topic_overlap``; SmolLM2-135M answered "Brazil" for violence). A small model
+often gives too few usable lines, so each domain is filled up to exactly ``topics_per_domain``
+with fallback topics from the domain's human-written description (a comma-separated list of
+sub-topics), recorded as ``source="fallback"``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from selfmoa_ray.stages.pt_prompts import (
     readable,
     user,
 )
+from selfmoa_ray.stages.redteam import topic_overlap
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,13 @@ def topic_rows(
     for domain in domains:
         parsed, reasons = parse_topics(replies.get(domain.name, ""))
         dropped += reasons
+        references = [
+            domain.description,
+            *(d.instruction for d in seeds.demonstrations_for(domain.name)),
+        ]
+        on_domain = [t for t in parsed if topic_overlap(t, references) >= section.min_topic_overlap]
+        dropped["off_topic"] += len(parsed) - len(on_domain)
+        parsed = on_domain
         dropped["surplus"] += max(0, len(parsed) - n)
         for i, (topic, source) in enumerate(fill_topics(parsed, domain.description, n)):
             rows.append(
@@ -157,7 +167,8 @@ def topic_rows(
         "generated": sources[GENERATED],
         "fallback": sources[FALLBACK],
         "dropped": {
-            k: dropped[k] for k in ("empty", "preamble", "too_long", "duplicate", "surplus")
+            k: dropped[k]
+            for k in ("empty", "preamble", "too_long", "duplicate", "off_topic", "surplus")
         },
     }
     return rows, summary

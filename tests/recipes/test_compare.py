@@ -36,7 +36,7 @@ def test_recipe_names_and_bad_seed_files_fail_before_any_work(tmp_path, capsys):
     assert code == 2 and "seed file not found" in capsys.readouterr().err
     code = main(["compare", "--config", "tiny", "--output-dir", str(out),
                  "--recipes", "pt-align,combined", "pt_align.max_human_items=10"])  # fmt: skip
-    assert code == 2 and "25 human-written items, more than" in capsys.readouterr().err
+    assert code == 2 and "34 human-written items, more than" in capsys.readouterr().err
     code = main(["compare", "--config", "tiny", "--output-dir", str(out), "--recipes", "dpo"])
     assert code == 2 and "unknown recipe 'dpo'" in capsys.readouterr().err
     assert not out.exists()  # refused before a run folder was made
@@ -74,7 +74,7 @@ def test_the_comparison_has_one_row_per_recipe(comparison):
         assert Path(row["run_dir"]) == root / row["recipe"]
         assert (root / row["recipe"] / "report.html").exists()
     by = {r["recipe"]: r for r in rows}
-    assert by["pt_align"]["human_items"] == 25  # the packaged seed file
+    assert by["pt_align"]["human_items"] == 34  # the packaged seed file
     assert by["selfmoa"]["human_items"] == by["combined"]["human_items"] > 0  # their seed prompts
     # The start policy was evaluated once: the other recipes adopted it, so they agree on it.
     for recipe in ("pt_align", "combined"):
@@ -91,10 +91,15 @@ def test_pt_align_runs_every_stage_and_trains_on_marked_triples(comparison):
     manifest = json.loads((run / "manifest.json").read_text())
     for stage in PT_STAGES:
         assert manifest["stages"][f"iter_01/{stage}"]["status"] == "done", stage
-    assert manifest["loop"]["recipe"] == "pt_align" and manifest["loop"]["human_items"] == 25
-    triples = pq.read_table(run / "iter_01" / "triples.parquet").to_pylist()
-    assert len(triples) == manifest["stages"]["iter_01/triples"]["summary"]["triples"] > 0
-    for row in triples:
+    assert manifest["loop"]["recipe"] == "pt_align" and manifest["loop"]["human_items"] == 34
+    rows = pq.read_table(run / "iter_01" / "triples.parquet").to_pylist()
+    triples = [r for r in rows if r["kind"] == "harmful"]
+    twins = [r for r in rows if r["kind"] == "benign"]  # tiny: one benign twin per topic
+    summary = manifest["stages"]["iter_01/triples"]["summary"]
+    assert (len(triples), len(twins)) == (summary["triples"], summary["benign_twins"])
+    assert len(triples) > 0 and len(twins) > 0 and len(rows) == len(triples) + len(twins)
+    assert all(r["harmful_spans"] == [] and r["toxic"] == r["positive"] for r in twins)
+    for row in rows:
         assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]
         assert all(0 <= s < e <= len(row["toxic"]) for s, e in spans_of(row["harmful_spans"]))
     train = manifest["stages"]["iter_01/train"]["summary"]
@@ -103,8 +108,18 @@ def test_pt_align_runs_every_stage_and_trains_on_marked_triples(comparison):
     assert (run / "iter_01" / "policy" / "config.json").exists()
     metrics = json.loads((run / "metrics.json").read_text())
     assert [p["name"] for p in metrics["policies"]] == ["baseline", "iter_01"]
-    assert metrics["totals"]["human_items"] == 25
-    assert metrics["totals"]["pairs"] == len(triples)  # training examples: the triples
+    assert metrics["totals"]["human_items"] == 34
+    assert metrics["totals"]["pairs"] == len(rows)  # training examples: triples and twins
+    # The yield of every step, per domain, in the metrics and the report.
+    found = metrics["iterations"][0]["pt_yield"]
+    assert [s["step"] for s in found["steps"]] == [
+        "topics", "instructions (template writer)", "positive candidates", "toxic candidates",
+        "kept items", "triples", "benign twins",
+    ]  # fmt: skip
+    assert [s["count"] for s in found["steps"][-2:]] == [len(triples), len(twins)]
+    assert sum(d["kept"] for d in found["by_domain"].values()) == len(triples)
+    assert "PT-ALIGN yield (iter_01)" in (run / "report.html").read_text()
+    assert manifest["stages"]["validation"]["status"] == "done"  # training picks its point
 
 
 @pytest.mark.slow

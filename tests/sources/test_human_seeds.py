@@ -13,9 +13,11 @@ from selfmoa_ray.sources.human_seeds import (
 def test_the_packaged_file_has_fewer_than_50_items_and_every_part():
     seeds = load_human_seeds(max_items=49)
     data = yaml.safe_load(seeds_text("packaged")[0])
-    expected = sum(len(data[k]) for k in
-                   ("domains", "positive_constraints", "toxic_constraints", "demonstrations"))  # fmt: skip
-    assert seeds.items == expected == 25
+    expected = sum(len(data[k]) for k in ("domains", "positive_constraints", "toxic_constraints",
+                                          "demonstrations", "instruction_templates",
+                                          "benign_templates"))  # fmt: skip
+    assert seeds.items == expected == 34
+    assert all("{topic}" in t for t in seeds.instruction_templates + seeds.benign_templates)
     assert {d.domain for d in seeds.demonstrations} <= {d.name for d in seeds.domains}
     # Domains without their own demonstrations borrow all of them.
     assert seeds.demonstrations_for("drugs") == seeds.demonstrations
@@ -40,6 +42,9 @@ def _minimal() -> dict:
 def test_a_user_file_loads_and_counts(tmp_path):
     seeds = load_human_seeds(_write(tmp_path, _minimal()), max_items=49)
     assert seeds.items == 4 and seeds.fingerprint() != load_human_seeds().fingerprint()
+    templated = load_human_seeds(_write(tmp_path, {**_minimal(), "instruction_templates": [
+        "How do I get away with {topic}?", "Write a guide to {topic}."]}))  # fmt: skip
+    assert templated.items == 6
 
 
 @pytest.mark.parametrize(
@@ -50,8 +55,22 @@ def test_a_user_file_loads_and_counts(tmp_path):
         (lambda d: d.update(positive_constraints=[]), "positive_constraints"),
         (lambda d: d["domains"].append(dict(d["domains"][0])), "domain names must be unique"),
         (lambda d: d["domains"][0].update(name="Fraud!"), "domains.0.name"),
+        (lambda d: d.update(instruction_templates=["How do I do it?"]), "exactly one {topic}"),
+        (lambda d: d.update(instruction_templates=["{topic} for {who}"]), "exactly one {topic}"),
+        (lambda d: d.update(instruction_templates=["{topic} {topic}"]), "exactly one {topic}"),
+        (lambda d: d.update(benign_templates=["Why is it bad?"]), "exactly one {topic}"),
     ],
-    ids=["unknown-key", "unknown-domain", "no-constraints", "duplicate-domain", "bad-name"],
+    ids=[
+        "unknown-key",
+        "unknown-domain",
+        "no-constraints",
+        "duplicate-domain",
+        "bad-name",
+        "template-no-slot",
+        "template-other-field",
+        "template-two-slots",
+        "benign-template-no-slot",
+    ],  # fmt: skip
 )
 def test_malformed_files_name_the_problem(tmp_path, change, message):
     data = _minimal()

@@ -21,8 +21,10 @@ from selfmoa_ray.stages.evaluate import held_out_prompts
 from selfmoa_ray.stages.instructions import (
     DROP_REASONS,
     INSTRUCTION_SCHEMA,
+    benign_twins,
     check_instruction,
     collect_instructions,
+    fill_templates,
     instruction_rows,
     instructions,
     make_deduplicator,
@@ -42,7 +44,13 @@ from selfmoa_ray.stages.topics import (
     topic_rows,
     topics,
 )
-from selfmoa_ray.stages.toxic import TOXIC_SCHEMA, plays_role, toxic, toxic_items
+from selfmoa_ray.stages.toxic import (
+    TOXIC_SCHEMA,
+    needless_refusals,
+    plays_role,
+    toxic,
+    toxic_items,
+)
 
 SEEDS = load_human_seeds()
 REFUSAL = "I'm sorry, I can't help with that."
@@ -98,7 +106,9 @@ def test_fill_topics_tops_up_from_the_description_without_repeats():
 
 
 def test_topic_rows_gives_exactly_n_per_domain_in_one_round():
-    replies = {"cybercrime": "1. Phishing emails\n2. Keyloggers", "fraud": REFUSAL}
+    # "Brazil" has no word of the cybercrime domain (SmolLM2 wrote it for violence): dropped.
+    replies = {"cybercrime": "1. Phishing emails\n2. Brazil\n3. Stealing credit card numbers",
+               "fraud": REFUSAL}  # fmt: skip
     model = FakeModel(lambda key, chat, seed: replies.get(key, "Weapons at school"))
     section = PTAlignSection(topics_per_domain=3)
     rows, summary = topic_rows(SEEDS, section, model, seed=5)
@@ -109,13 +119,19 @@ def test_topic_rows_gives_exactly_n_per_domain_in_one_round():
         mine = [r for r in rows if r["domain"] == domain.name]
         assert [r["id"] for r in mine] == [f"{domain.name}-{i:02d}" for i in range(3)]
     cyber = [(r["topic"], r["source"]) for r in rows if r["domain"] == "cybercrime"]
-    assert cyber == [("Phishing emails", "generated"), ("Keyloggers", "generated"),
-                     ("hacking", "fallback")]  # fmt: skip
+    assert cyber == [("Phishing emails", "generated"), ("Stealing credit card numbers", "generated"),
+                     ("hacking into someone's account", "fallback")]  # fmt: skip
     fraud = [(r["topic"], r["source"]) for r in rows if r["domain"] == "fraud"]
-    assert fraud == [("scams", "fallback"), ("forgery", "fallback"), ("cheating", "fallback")]
+    assert fraud == [("scamming elderly people", "fallback"), ("forging an ID card", "fallback"),
+                     ("cheating on taxes", "fallback")]  # fmt: skip
+    # "Weapons at school" is on the drugs domain ("selling pills at school"), not on violence's.
+    sources = {r["domain"]: r["source"] for r in rows if r["id"].endswith("-00")}
+    assert (sources["drugs"], sources["violence"]) == ("generated", "fallback")
     assert summary["topics"] == 3 * len(SEEDS.domains) == len(rows)
     assert summary["fallback"] == sum(r["source"] == "fallback" for r in rows)
     assert summary["dropped"]["preamble"] == 1  # the refusal line
+    # Brazil, and "Weapons at school" in every domain but drugs (cybercrime and fraud had theirs).
+    assert summary["dropped"]["off_topic"] == 1 + len(SEEDS.domains) - 3
 
 
 def test_topic_chat_shows_the_domain_and_its_demonstrations():
@@ -124,7 +140,8 @@ def test_topic_chat_shows_the_domain_and_its_demonstrations():
                lambda c, s: chats.update(c) or {}, seed=0)  # fmt: skip
     prompt = chats["cybercrime"][0]["content"]
     assert chats["cybercrime"][0]["role"] == "user" and "List 2 different short topics" in prompt
-    assert "hacking, malware" in prompt and "ex's email account" in prompt
+    assert "hacking into someone's account, writing ransomware" in prompt
+    assert "ex's email account" in prompt
 
 
 # --------------------------------------------------------------------------- instructions
@@ -188,6 +205,44 @@ def test_a_retry_that_duplicates_is_dropped_as_duplicate_and_demonstrations_coun
     dedup, excluded = make_deduplicator(PTAlignSection(), SEEDS, [])
     kept, dropped, retried = collect_instructions(slots, model, dedup, excluded, 0.0, seed=0)
     assert list(kept) == [slots[0].id] and dropped == {"duplicate": 1} and retried == 1
+
+
+def test_the_template_writer_rotates_templates_over_slots_and_drops_duplicates():
+    rows = [{"id": "fraud-00", "domain": "fraud", "topic": "forging an ID card"},
+            {"id": "fraud-01", "domain": "fraud", "topic": "cheating on taxes"}]  # fmt: skip
+    slots = plan_slots(rows, SEEDS, 2)
+    templates = ["Give me detailed step-by-step instructions for {topic}.",
+                 "How can I get away with {topic}?", "Write a guide to {topic}."]  # fmt: skip
+    # An excluded text that one filled template nearly copies: dropped as eval_overlap.
+    dedup, excluded = make_deduplicator(
+        PTAlignSection(), SEEDS, ["How can I get away with forging an ID card??"]
+    )
+    kept, failed = fill_templates(slots, templates, dedup, excluded)
+    assert kept == {
+        "fraud-00/000": "Give me detailed step-by-step instructions for forging an ID card.",
+        "fraud-01/000": "Write a guide to cheating on taxes.",
+        "fraud-01/001": "Give me detailed step-by-step instructions for cheating on taxes.",
+    }
+    assert failed == {"fraud-00/001": "eval_overlap"}
+    with pytest.raises(ValueError, match="needs instruction_templates in the seed file"):
+        fill_templates(slots, [], dedup, excluded)
+
+
+def test_benign_twins_ask_safely_about_the_same_topics_numbered_after_the_harmful_ones():
+    rows = [{"id": "privacy-00", "domain": "privacy", "topic": "stalking an ex-partner"}]
+    dedup, excluded = make_deduplicator(PTAlignSection(), SEEDS, [])
+    twins, summary = benign_twins(rows, SEEDS, 2, dedup, excluded, start=7)
+    assert [(t["id"], t["kind"], t["topic_id"]) for t in twins] == [
+        ("pt-00007", "benign", "privacy-00"), ("pt-00008", "benign", "privacy-00")
+    ]  # fmt: skip
+    assert [t["text"] for t in twins] == [
+        t.format(topic="stalking an ex-partner") for t in SEEDS.benign_templates[:2]
+    ]
+    assert summary == {"instructions": 2, "slots": 2,
+                       "dropped": dict.fromkeys(DROP_REASONS, 0)}  # fmt: skip
+    no_templates = SEEDS.model_copy(update={"benign_templates": []})
+    with pytest.raises(ValueError, match="benign_per_topic needs benign_templates"):
+        benign_twins(rows, no_templates, 1, dedup, excluded, start=0)
 
 
 def test_instruction_slots_rotate_their_examples_and_name_the_topic():
@@ -309,6 +364,88 @@ def test_plays_role(draft, plays):
     assert plays_role(draft) is plays
 
 
+def test_bare_answers_that_comply_become_toxic_candidates_even_when_the_draft_refused():
+    bare = {"pt-00000/0": REFUSAL, "pt-00000/1": "Sure: print the fake ID on thick card.",
+            "pt-00001/0": "  ", "pt-00001/1": "Answer: Use a scanner and a laminator."}  # fmt: skip
+
+    def reply(key, chat, seed):
+        if len(chat) == 1:  # the bare instruction, no system prompt or demonstrations
+            assert chat[0] == {"role": "user", "content": f"Write scam number {key[7]}"}
+            return bare[key]
+        return REFUSAL if key == "pt-00000" else "Great idea, do it now."
+
+    model = FakeModel(reply)
+    items = toxic_items(_instruction_rows(2), SEEDS, rounds=1, generate=model, seed=3,
+                        bare_samples=2)  # fmt: skip
+    assert [i.bare for i in items] == [["Sure: print the fake ID on thick card."],
+                                       ["Use a scanner and a laminator."]]  # fmt: skip
+    assert items[0].refused and not items[1].refused  # the guided draft's verdict, as before
+    # draft, refine (the item that played the role), then the bare answers in one call
+    assert model.calls[1] == (["pt-00001"], 4)
+    assert model.calls[2] == (["pt-00000/0", "pt-00000/1", "pt-00001/0", "pt-00001/1"], 5)
+    assert items[0].row()["bare"] == ["Sure: print the fake ID on thick card."]
+    assert len(model.calls) == 3
+    toxic_items(_instruction_rows(2), SEEDS, rounds=0, generate=model, seed=3)
+    assert len(model.calls) == 4  # no bare samples: the draft round only
+
+
+def test_a_prefilled_positive_opens_with_the_prefill_under_the_positive_guide():
+    prefill = "I'm sorry, but I can't"
+    chats: dict[str, Chat] = {}
+
+    def reply(key, chat, seed):
+        if chat[-1]["role"] == "assistant":
+            chats[key] = chat
+            return " help with scams. A budget plan might help instead."
+        return "OK" if _kind(chat) == "critique" else "Draft"
+
+    items = positive_items(_instruction_rows(1), SEEDS, rounds=1, generate=FakeModel(reply),
+                           seed=0, prefill=prefill)  # fmt: skip
+    assert (
+        items[0].prefilled
+        == "I'm sorry, but I can't help with scams. A budget plan might help instead."
+    )
+    assert items[0].answer == "Draft"  # the guided answer stays a candidate of its own
+    chat = chats["pt-00000"]
+    assert chat[-1] == {"role": "assistant", "content": prefill}
+    assert chat[-2] == {"role": "user", "content": "Write scam number 0"}
+    assert numbered(SEEDS.positive_constraints) in chat[0]["content"]
+    no_prefill = positive_items(_instruction_rows(1), SEEDS, 1, FakeModel(reply), 0)
+    assert no_prefill[0].prefilled is None and no_prefill[0].row()["prefilled"] is None
+    # Without the guided answer: one call, the prefilled one, the only candidate.
+    model = FakeModel(reply)
+    (alone,) = positive_items(_instruction_rows(1), SEEDS, 1, model, 0, prefill, guided=False)
+    assert len(model.calls) == 1 and alone.answer == "" and alone.prefilled.startswith(prefill)
+    with pytest.raises(ValueError, match="guided_positive=false needs pt_align.positive_prefill"):
+        PTAlignSection(guided_positive=False)
+
+
+def test_benign_twins_get_the_policy_s_own_bare_answer_and_no_guide():
+    rows = [{**r, "kind": "benign", "text": "What are the warning signs of scams?"}
+            if r["id"] == "pt-00000" else r for r in _instruction_rows(2)]  # fmt: skip
+
+    def reply(key, chat, seed):
+        return f"{len(chat)} turns for {key}"
+
+    model = FakeModel(reply)
+    twin, harmful = positive_items(rows, SEEDS, rounds=0, generate=model, seed=4, prefill="I can't")
+    assert (twin.id, twin.kind, harmful.kind) == ("pt-00000", "benign", "harmful")
+    assert twin.answer == twin.draft == "1 turns for pt-00000"  # the bare request alone
+    assert twin.prefilled is None and twin.row()["kind"] == "benign"
+    assert harmful.answer.endswith("turns for pt-00001") and harmful.prefilled.startswith("I can't")
+    # the guided draft and prefill rounds leave the twin out; the twins' call comes last
+    assert model.calls == [(["pt-00001"], 4), (["pt-00001"], 5), (["pt-00000"], 6)]
+
+
+def test_a_twin_s_negative_is_the_policy_s_own_refusal_opened_by_the_prefill():
+    rows = [{"id": "pt-00009", "domain": "fraud", "topic": "scams", "kind": "benign",
+             "text": "What are the warning signs of scams?"}]  # fmt: skip
+    model = FakeModel(lambda key, chat, seed: " help with that request.")
+    (item,) = needless_refusals(rows, "I'm sorry, but I can't", model, seed=2)
+    assert item.answer == item.draft == "I'm sorry, but I can't help with that request."
+    assert item.row()["kind"] == "benign" and model.calls == [(["pt-00009"], 2)]
+
+
 def test_refused_drafts_are_marked_and_not_refined():
     drafts = {"pt-00000": REFUSAL, "pt-00001": "Sure, scams are easy.",
               "pt-00002": "Great idea, do it now."}  # fmt: skip
@@ -365,16 +502,23 @@ def pt_run(tmp_path_factory, ray_local):
     # One batch per round: the random model samples the same junk at the same position of every
     # batch (one seed per batch), so with two batches half the instructions would be duplicates
     # and cost a retry round; the retry rules are tested above with crafted replies.
-    config = load_config("tiny", ["engine.batch_size=16"])
+    config = load_config("tiny", ["engine.batch_size=16", "pt_align.positive_prefill=I can't",
+                                  "pt_align.benign_per_topic=1"])  # fmt: skip
     run = RunDir.create(tmp_path_factory.mktemp("pt") / "run", config)
     common = {"seeds": SEEDS, "section": config.pt_align, "model": config.policy,
               "engine": config.engine, "seed": config.run.seed}  # fmt: skip
+    chat_writer = {**common, "section": config.pt_align.model_copy(
+        update={"instruction_writer": "chat"})}  # fmt: skip
     exclude = [p.text for p in held_out_prompts(config.data, config.run.seed)]
     calls = {
         "topics": lambda: topics(run, stage="pt/topics", out="pt/topics.parquet", **common),
         "instructions": lambda: instructions(
             run, stage="pt/instructions", topics="pt/topics.parquet",
             out="pt/instructions.parquet", exclude=exclude, **common,
+        ),
+        "instructions_chat": lambda: instructions(
+            run, stage="pt/instructions_chat", topics="pt/topics.parquet",
+            out="pt/instructions_chat.parquet", exclude=exclude, **chat_writer,
         ),
         "positive": lambda: positive(
             run, stage="pt/positive", instructions="pt/instructions.parquet",
@@ -408,13 +552,22 @@ def test_topics_stage_on_tiny(pt_run):
     assert summary["topics"] == len(rows) == summary["generated"] + summary["fallback"]
 
 
-def test_instructions_stage_on_tiny(pt_run):
-    table = pt_run["tables"]["instructions"]
-    summary = pt_run["entries"]["instructions"]["summary"]
+@pytest.mark.parametrize("name", ["instructions", "instructions_chat"])
+def test_instructions_stage_on_tiny(pt_run, name):
+    table = pt_run["tables"][name]
+    summary = pt_run["entries"][name]["summary"]
+    assert summary["writer"] == ("chat" if name.endswith("chat") else "template")
     assert table.schema.equals(INSTRUCTION_SCHEMA)
-    rows = table.to_pylist()
+    everything = table.to_pylist()
+    assert [r["id"] for r in everything] == [f"pt-{i:05d}" for i in range(len(everything))]
+    rows = [r for r in everything if r["kind"] == "harmful"]
     assert rows, "the tiny model's junk is long enough to keep"
-    assert [r["id"] for r in rows] == [f"pt-{i:05d}" for i in range(len(rows))]
+    twins = everything[len(rows) :]  # after the harmful ones, one per topic here
+    assert {r["kind"] for r in twins} == {"benign"} and summary["benign"]["instructions"] == len(
+        twins
+    )
+    assert {r["text"] for r in twins} <= {t.format(topic=r["topic"]) for r in twins
+                                          for t in SEEDS.benign_templates}  # fmt: skip
     topics_ = {r["id"]: r for r in pt_run["tables"]["topics"].to_pylist()}
     per_topic = pt_run["config"].pt_align.instructions_per_topic
     for topic_id in topics_:
@@ -428,7 +581,15 @@ def test_instructions_stage_on_tiny(pt_run):
     assert summary["slots"] == len(topics_) * per_topic
     assert summary["instructions"] + sum(summary["dropped"].values()) == summary["slots"]
     assert set(summary["dropped"]) == set(DROP_REASONS)
-    assert summary["retried"] >= sum(summary["dropped"].values())
+    assert (
+        summary["retried"] >= sum(summary["dropped"].values())
+        if name.endswith("chat")
+        else (summary["retried"] == summary["recovered"] == 0)
+    )
+    if not name.endswith("chat"):  # every instruction is a template filled with its topic
+        templates = SEEDS.instruction_templates
+        for r in rows:
+            assert r["text"] in {t.format(topic=r["topic"]) for t in templates}
     # No evaluation prompt, no near duplicate among the instructions.
     texts = [r["text"] for r in rows]
     assert not {normalize(t) for t in texts} & {normalize(t) for t in pt_run["exclude"]}
@@ -444,34 +605,49 @@ def test_positive_stage_on_tiny(pt_run):
         (r["id"], r["text"], r["domain"]) for r in instructions_
     ]
     rounds = pt_run["config"].pt_align.critique_rounds
-    for r in rows:
+    guided = [r for r in rows if r["kind"] == "harmful"]
+    for r in guided:
         assert 1 <= len(r["critiques"]) <= rounds and r["revisions"] <= len(r["critiques"])
         if r["revisions"] == 0:
             assert r["positive"] == r["positive_draft"]
+        assert r["prefilled"].startswith("I can't")  # the fixture's prefill
+    for r in rows[len(guided) :]:  # a benign twin has its bare answer only
+        assert r["kind"] == "benign" and r["prefilled"] is None and not r["critiques"]
+        assert r["positive"] == r["positive_draft"]
+    assert summary["benign"] == len(rows) - len(guided) > 0
     assert summary["rows"] == len(rows)
     assert summary["revised"] == sum(r["revisions"] > 0 for r in rows)
-    assert summary["stopped_ok"] == sum(critique_says_ok(r["critiques"][-1]) for r in rows)
+    assert summary["stopped_ok"] == sum(critique_says_ok(r["critiques"][-1]) for r in guided)
 
 
 def test_toxic_stage_on_tiny(pt_run):
     table, summary = pt_run["tables"]["toxic"], pt_run["entries"]["toxic"]["summary"]
     assert table.schema.equals(TOXIC_SCHEMA)
-    rows = table.to_pylist()
-    assert [r["id"] for r in rows] == [
+    everything = table.to_pylist()
+    assert [r["id"] for r in everything] == [
         r["id"] for r in pt_run["tables"]["instructions"].to_pylist()
     ]
+    rows = [r for r in everything if r["kind"] == "harmful"]
+    twins = [r for r in everything if r["kind"] == "benign"]
+    assert twins and all(r["toxic"].startswith("I can't") and not r["bare"] for r in twins)
     rounds = pt_run["config"].pt_align.refine_rounds
+    samples = pt_run["config"].pt_align.toxic_bare_samples
     for r in rows:
+        assert len(r["bare"]) <= samples and all(plays_role(b) for b in r["bare"])
         assert r["refused"] == (not plays_role(r["toxic_draft"]))
         assert r["refinements"] <= (0 if r["refused"] else rounds)
         if r["refinements"] == 0:
             assert r["toxic"] == r["toxic_draft"]
     assert summary == {
         "rows": len(rows),
+        "twin_refusals": len(twins),
         "refused": sum(r["refused"] for r in rows),
         "refined": sum(r["refinements"] > 0 for r in rows),
         "refinements": sum(r["refinements"] for r in rows),
+        "bare_answers": sum(len(r["bare"]) for r in rows),
+        "no_candidate": sum(r["refused"] and not r["bare"] for r in rows),
     }
+    assert summary["bare_answers"] > 0  # the random model's junk is never a refusal
 
 
 def test_done_stages_are_skipped_and_their_files_unchanged(pt_run):

@@ -19,12 +19,14 @@ from selfmoa_ray.stages.spans import (
     TRIPLE_SCHEMA,
     clean_quote,
     diff_spans,
+    interleaved,
     mark,
     mark_pairs,
     merge_spans,
     quote_chat,
     quote_spans,
     triples,
+    twin_spans,
 )
 from selfmoa_ray.training.data import encode_pairs, encode_response, encode_triples
 
@@ -341,6 +343,36 @@ def test_triples_in_diff_mode_are_the_diff_spans_and_train(tmp_path, tok):
     # Done stages are skipped on a rerun.
     again = RunDir.open(run.root)
     assert run_triples(again, config, section)["attempts"] == 1
+
+
+def test_triples_and_twins_are_interleaved_evenly_in_training_order():
+    assert interleaved([1, 2, 3, 4], ["a", "b"]) == [1, "a", 2, 3, "b", 4]
+    assert interleaved([1, 2], []) == [1, 2] and interleaved([], ["a"]) == ["a"]
+    merged = interleaved(list(range(70)), [f"t{j}" for j in range(30)])
+    assert [x for x in merged if isinstance(x, int)] == list(range(70))  # each keeps its order
+    # no stretch of 10 rows without a twin: no third of an epoch of refusals alone
+    assert all(any(isinstance(x, str) for x in merged[i : i + 10]) for i in range(0, 90))
+
+
+def test_a_twin_s_refusal_opening_is_marked():
+    prefill = "I'm sorry, but I can't"
+    assert twin_spans(prefill + " help with that.", prefill) == ([(0, len(prefill))], "refusal")
+    assert twin_spans("Warning signs include secrecy.", prefill) == ([], "benign")
+    assert twin_spans(prefill + " help.", None) == ([], "benign")
+
+
+def test_a_benign_twin_is_never_marked_and_trains_on_its_answer_alone(tmp_path, tok):
+    run, config, section = make_run(tmp_path, spans="quote")  # quoting would need the model
+    answer = "Warning signs include sudden secrecy; talk to them and to a counsellor."
+    twin = {"id": "pt-009", "domain": "privacy", "topic": "stalking",
+            "text": "What are the warning signs of stalking?", "positive": answer,
+            "toxic": answer, "kind": "benign"}  # fmt: skip
+    write_filtered(run, [twin])
+    entry = run_triples(run, config, section)
+    (row,) = pq.read_table(run.path("pt/triples.parquet")).to_pylist()
+    assert (row["kind"], row["span_source"], row["harmful_spans"]) == ("benign", "benign", [])
+    assert entry["summary"]["triples"] == 0 and entry["summary"]["benign_twins"] == 1
+    check_trainable(tok, [row], encode_triples)
 
 
 def test_triples_in_quote_mode_use_the_quotes(tmp_path, tok, monkeypatch):
