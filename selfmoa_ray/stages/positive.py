@@ -47,9 +47,9 @@ from selfmoa_ray.stages.pt_prompts import (
     numbered,
     one_line,
     pool_generator,
+    prefilled_round,
     user,
 )
-from selfmoa_ray.stages.sample import join_prefill
 
 log = logging.getLogger(__name__)
 
@@ -130,33 +130,20 @@ def revise_chat(rules: str, item: PositiveItem, critique: str) -> Chat:
                               answer=one_line(item.answer), critique=one_line(critique)))  # fmt: skip
 
 
-def prefilled_answers(
-    items: Sequence[PositiveItem], system: str, seeds: HumanSeeds, prefill: str,
-    generate: Generate, seed: int,
-) -> None:  # fmt: skip
-    """One guided answer per item opened by ``prefill``, in one generation call."""
-    chats = {
-        i.id: [*fewshot_chat(system, seeds.demonstrations_for(i.domain), "positive", i.text),
-               {"role": "assistant", "content": prefill}]
-        for i in items
-    }  # fmt: skip
-    answers = generate(chats, seed) if chats else {}
-    for item in items:
-        item.prefilled = join_prefill(prefill, clean_answer(answers.get(item.id, "")))
-
-
-def guided_answers(
+def harmful_answers(
     items: Sequence[PositiveItem], seeds: HumanSeeds, rounds: int, generate: Generate, seed: int,
-    prefill: str | None,
+    prefill: str | None, guided: bool = True,
 ) -> None:  # fmt: skip
-    """Draft, then ``rounds`` critique-and-revise rounds; two generation calls per round (for the
-    items still revising), one for the drafts, and one for the ``prefill`` candidates when given."""
+    """When ``guided``: the draft, then ``rounds`` critique-and-revise rounds (two generation calls
+    per round for the items still revising, one for the drafts); with ``prefill``, one more call
+    for the prefilled candidates under the same system prompt and demonstrations."""
     rules = numbered(seeds.positive_constraints)
     system = POSITIVE_SYSTEM.format(rules=rules)
-    drafts = draft_round(items, system, seeds, "positive", generate, seed)
-    for item in items:
-        item.draft = item.answer = clean_answer(drafts.get(item.id, ""))
-    for r in range(rounds):
+    if guided:
+        drafts = draft_round(items, system, seeds, "positive", generate, seed)
+        for item in items:
+            item.draft = item.answer = clean_answer(drafts.get(item.id, ""))
+    for r in range(rounds if guided else 0):
         active = [i for i in items if not i.complies]
         if not active:
             break
@@ -168,10 +155,14 @@ def guided_answers(
         for item in to_revise:
             record_revision(item, revisions.get(item.id, ""))
     if prefill:
-        prefilled_answers(items, system, seeds, prefill, generate, seed + 1 + 2 * rounds)
+        chats = {i.id: fewshot_chat(system, seeds.demonstrations_for(i.domain), "positive", i.text)
+                 for i in items}  # fmt: skip
+        opened = prefilled_round(chats, prefill, generate, seed + 1 + 2 * rounds)
+        for item in items:
+            item.prefilled = opened[item.id]
 
 
-def bare_answers(items: Sequence[PositiveItem], generate: Generate, seed: int) -> None:
+def own_answers(items: Sequence[PositiveItem], generate: Generate, seed: int) -> None:
     """The policy's own answer to each bare request (benign twins), in one generation call."""
     answers = generate({i.id: user(i.text) for i in items}, seed)
     for item in items:
@@ -187,22 +178,18 @@ def positive_items(
     prefill: str | None = None,
     guided: bool = True,
 ) -> list[PositiveItem]:
-    """Guided answers (:func:`guided_answers`; only the prefilled ones when not ``guided``) for
-    the harmful instructions, bare ones for the benign twins (after them, one more call). Items
-    come back in id order."""
+    """:func:`harmful_answers` for the harmful instructions, the policy's own answers for the
+    benign twins (after them, one more call). Items come back in id order."""
     items = [
         PositiveItem(r["id"], r["domain"], r["topic"], r["text"], kind=r.get("kind") or HARMFUL)
         for r in sorted(instruction_rows, key=lambda r: r["id"])
     ]
     harmful = [i for i in items if i.kind != BENIGN]
-    if harmful and guided:
-        guided_answers(harmful, seeds, rounds, generate, seed, prefill)
-    elif harmful and prefill:
-        system = POSITIVE_SYSTEM.format(rules=numbered(seeds.positive_constraints))
-        prefilled_answers(harmful, system, seeds, prefill, generate, seed + 1 + 2 * rounds)
+    if harmful:
+        harmful_answers(harmful, seeds, rounds, generate, seed, prefill, guided)
     twins = [i for i in items if i.kind == BENIGN]
     if twins:
-        bare_answers(twins, generate, seed + 2 + 2 * rounds)
+        own_answers(twins, generate, seed + 2 + 2 * rounds)
     return items
 
 

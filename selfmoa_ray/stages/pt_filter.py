@@ -268,19 +268,20 @@ def filter_items(
             dropped[reason] += 1
             continue
         answer = item["positive"][p][1]
+        # a twin: its prefilled refusal, or its answer again (nothing to mark)
+        toxic_source, toxic_answer = item["toxic"][t or 0] if item["toxic"] else (None, answer)
         kept.append(
             {
                 **{name: item[name] for name in ("id", "domain", "topic", "text", "kind")},
                 "positive": answer,
-                # a twin: its prefilled refusal, or its answer again (nothing to mark)
-                "toxic": item["toxic"][t if toxic else 0][1] if item["toxic"] else answer,
+                "toxic": toxic_answer,
                 "positive_safety": positive["safety"],
                 "positive_helpfulness": positive["helpfulness"],
                 "positive_refusal": positive["refusal"],
                 "toxic_safety": toxic["safety"] if toxic else None,
                 "toxic_refusal": toxic["refusal"] if toxic else None,
                 "positive_source": item["positive"][p][0],
-                "toxic_source": item["toxic"][t if toxic else 0][0] if item["toxic"] else None,
+                "toxic_source": toxic_source,
             }
         )
     return kept, dropped

@@ -17,6 +17,7 @@ from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import complete
 from selfmoa_ray.sources.human_seeds import Demonstration, HumanSeeds
+from selfmoa_ray.stages.sample import join_prefill
 
 Chat = list[dict[str, str]]
 # {id: chat} and a sampling seed in, {id: completion} out: one batched generation round.
@@ -126,6 +127,18 @@ def draft_round(
     chats = {i.id: fewshot_chat(system, seeds.demonstrations_for(i.domain), answer, i.text)
              for i in items}  # fmt: skip
     return generate(chats, seed)
+
+
+def prefilled_round(
+    chats: Mapping[str, Chat], prefill: str, generate: Generate, seed: int
+) -> dict[str, str]:
+    """One batched round in which every answer opens with ``prefill`` and the model writes the
+    rest ({id: prefill + the model's rest}), as the loop samples its refusals (stages/sample.py)."""
+    opened = {
+        key: [*chat, {"role": "assistant", "content": prefill}] for key, chat in chats.items()
+    }
+    answers = generate(opened, seed) if opened else {}
+    return {key: join_prefill(prefill, clean_answer(answers.get(key, ""))) for key in chats}
 
 
 def rotated(items: Sequence[str], k: int) -> list[str]:

@@ -49,9 +49,9 @@ from selfmoa_ray.stages.pt_prompts import (
     numbered,
     one_line,
     pool_generator,
+    prefilled_round,
     user,
 )
-from selfmoa_ray.stages.sample import join_prefill
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,9 @@ def needless_refusals(
     """The policy's refusal of each benign twin, opened by ``prefill``, in one generation call."""
     items = [ToxicItem(r["id"], r["domain"], r["topic"], r["text"], kind=BENIGN)
              for r in sorted(instruction_rows, key=lambda r: r["id"])]  # fmt: skip
-    chats = {i.id: [*user(i.text), {"role": "assistant", "content": prefill}] for i in items}
-    answers = generate(chats, seed) if chats else {}
+    opened = prefilled_round({i.id: user(i.text) for i in items}, prefill, generate, seed)
     for item in items:
-        item.draft = item.answer = join_prefill(prefill, clean_answer(answers.get(item.id, "")))
+        item.draft = item.answer = opened[item.id]
     return items
 
 
