@@ -47,7 +47,13 @@ from ray.serve.exceptions import RayServeException
 from selfmoa_ray.config import JudgeSection, load_config
 from selfmoa_ray.evaluators.composite import CompositeJudge
 from serve_apps.auth import APIKeyAuth
-from serve_apps.limits import OVERLOADED_DOC, error_doc, limited_app, run_with_timeout
+from serve_apps.limits import (
+    OVERLOADED_DOC,
+    UNREADABLE_BODY,
+    error_doc,
+    limited_app,
+    run_with_timeout,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -189,6 +195,7 @@ class StatsResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: error_doc(UNREADABLE_BODY),
     401: error_doc("missing or invalid API key"),
     413: error_doc("body, item count or text length over the limit"),
     422: error_doc("malformed JSON or wrong fields"),
@@ -364,6 +371,8 @@ def _config_label(judge_config: str) -> str:
     # Defaults for code use; serve_apps/evaluator.yaml overrides them per cluster.
     max_ongoing_requests=32,
     max_queued_requests=64,
+    # Shed requests get 503 with Retry-After (Serve writes the body, as plain text).
+    backpressure_config={"retry_after_s": 1},
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
     health_check_timeout_s=30,

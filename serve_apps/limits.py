@@ -20,12 +20,12 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Iterable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,6 +50,20 @@ ERROR_TYPES = {
     504: "timeout",
 }
 
+
+def _integral_float_to_int(value: Any) -> Any:
+    """4.0 -> 4: JSON Schema's ``integer`` admits integral numbers written with a fraction, so the
+    published schema accepts them; strict validation still refuses "4", true and 4.5."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer field of a strict request model, as JSON Schema reads "type: integer", with its
+    bounds (``ge``, ``lt``...) published as ``minimum``/``exclusiveMaximum`` (they must come before
+    the validator for pydantic to write them so)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral_float_to_int)]
+
+
 # Pydantic error types that mean "too big" rather than "malformed": reported as 413.
 SIZE_ERROR_TYPES = frozenset({"too_long", "string_too_long", "bytes_too_long"})
 
@@ -72,8 +86,23 @@ def error_doc(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
-# Serve itself sheds these, before the app sees the request (plain text, not ErrorResponse).
-OVERLOADED_DOC = {"description": "overloaded: the request was shed by Serve; retry later"}
+# FastAPI answers 400 for a body it cannot decode (not UTF-8), the middleware for a bad
+# Content-Length: every POST route can answer it.
+UNREADABLE_BODY = "a body that cannot be read (not UTF-8, a bad Content-Length)"
+
+# Serve itself sheds these before the app sees the request: its body is plain text, not
+# ErrorResponse (Serve lets a deployment set the status and Retry-After, not the body).
+OVERLOADED_DOC = {
+    "description": "overloaded: the request was shed by Serve; retry after Retry-After seconds",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+    "headers": {
+        "Retry-After": {
+            "description": "seconds to wait before retrying (the deployment's "
+            "backpressure_config.retry_after_s)",
+            "schema": {"type": "integer"},
+        }
+    },
+}
 
 
 def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:

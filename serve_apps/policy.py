@@ -52,9 +52,11 @@ from selfmoa_ray.engines.base import MIN_SAMPLING_TEMPERATURE, is_greedy
 from serve_apps.auth import APIKeyAuth
 from serve_apps.limits import (
     OVERLOADED_DOC,
+    UNREADABLE_BODY,
     RequestTimeout,
     error_doc,
     json_error,
+    json_int,
     limited_app,
     run_with_timeout,
 )
@@ -69,6 +71,10 @@ OWNER = "selfmoa"
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 MAX_NAME_CHARS = 256  # a `model` name; error messages quote at most ECHO_CHARS of it
 ECHO_CHARS = 64
+# Seeds below 2**53: every such integer, and the bound, is exact in a JSON number that a client
+# parses as a double, so clients and the schema agree on which seeds are valid (schemathesis
+# found 2**63 + 190 taken for valid against a bound of 2**63).
+SEED_LIMIT = 2**53
 
 
 # --------------------------------------------------------------------------- app arguments
@@ -276,7 +282,9 @@ class ModelList(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: error_doc("prompt + max_tokens over the context, or an unsupported feature"),
+    400: error_doc(
+        f"prompt + max_tokens over the context, an unsupported feature, or {UNREADABLE_BODY}"
+    ),
     401: error_doc("missing or invalid API key"),
     404: error_doc("no such model (code model_not_found)"),
     413: error_doc("body, message count or message length over the limit"),
@@ -300,7 +308,8 @@ def request_model(
     with 400 by :func:`_unsupported`.
     """
 
-    # Strict types throughout: "4" is not an integer and true is not a number.
+    # Strict types throughout: "4" is not an integer and true is not a number (4.0 is 4, as in
+    # JSON Schema).
     class Part(TextPart):
         model_config = ConfigDict(strict=True)
         text: str = Field(max_length=max_chars)
@@ -339,21 +348,26 @@ def request_model(
                         "max_tokens": 64,
                         "temperature": 0.7,
                     }
-                ]
+                ],
+                # Streams carry one choice (400 unsupported otherwise): said in the schema too.
+                "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+                "then": {"properties": {"n": {"const": 1}}},
             },
         )
         model: str | None = Field(
             None, max_length=MAX_NAME_CHARS, description="the served model's name (GET /v1/models)"
         )
         messages: list[Message] = Field(min_length=1, max_length=max_messages)
-        max_tokens: int | None = Field(None, ge=1, le=max_tokens_limit)
-        max_completion_tokens: int | None = Field(None, ge=1, le=max_tokens_limit)
+        max_tokens: json_int(ge=1, le=max_tokens_limit) | None = None
+        max_completion_tokens: json_int(ge=1, le=max_tokens_limit) | None = None
         temperature: float | None = Field(
             None, ge=0, le=2, description=f"0 (or below {MIN_SAMPLING_TEMPERATURE}) = greedy"
         )
         top_p: float | None = Field(None, gt=0, le=1)
-        n: int = Field(1, ge=1, le=max_n)
-        seed: int | None = Field(None, ge=0, lt=2**63, description="reproducible sampling")
+        n: json_int(ge=1, le=max_n) = 1
+        seed: json_int(ge=0, lt=SEED_LIMIT) | None = Field(
+            None, description="reproducible sampling"
+        )
         stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = Field(
             None,
             description=f"up to {MAX_STOPS} stop sequences of 1 to {MAX_STOP_CHARS} characters",
@@ -598,6 +612,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     # Defaults for code use; serve_apps/serve_config.yaml overrides them per cluster.
     max_ongoing_requests=4,
     max_queued_requests=8,
+    # Shed requests get 503 with Retry-After (Serve writes the body, as plain text).
+    backpressure_config={"retry_after_s": 5},
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
     health_check_timeout_s=30,
@@ -861,6 +877,7 @@ VLLM_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
     "max_ongoing_requests": 64,
     "max_queued_requests": 128,
+    "backpressure_config": {"retry_after_s": 5},
 }
 
 

@@ -28,7 +28,8 @@ from selfmoa_ray import console
 from selfmoa_ray.config import Config
 from selfmoa_ray.recipes.pt_align import run_pt_align
 from selfmoa_ray.recipes.selfmoa import check_recipe, run_selfmoa
-from selfmoa_ray.report.collect import BASELINE
+from selfmoa_ray.report.collect import BASELINE, start_against
+from selfmoa_ray.report.gains import run_gains
 from selfmoa_ray.rundir import RunDir, atomic_path, atomic_write
 from selfmoa_ray.sources.human_seeds import load_human_seeds
 
@@ -37,11 +38,18 @@ RECIPES: dict[str, Callable[[Config, RunDir], dict[str, Any]]] = {
     "pt_align": run_pt_align,
     "combined": partial(run_selfmoa, combined=True),
 }
+# Row column -> the headline metric it shows (report/collect.start_against): the value, its
+# interval, the change from the start policy and the paired interval of that change.
+METRICS = {
+    "harmful_safety": "harmful/safety_rate",
+    "harmful_strict_refusal": "harmful/strict_refusal_rate",
+    "harmful_string_refusal": "harmful/string_refusal_rate",
+    "over_refusal": "benign/over_refusal",
+    "helpfulness": "benign/helpfulness",
+}
 COLUMNS = (
     "recipe", "policy", "verdict",
-    "harmful_safety", "harmful_safety_delta", "harmful_string_refusal",
-    "harmful_string_refusal_delta", "over_refusal", "over_refusal_delta",
-    "helpfulness", "helpfulness_delta",
+    *(f"{m}{part}" for m in METRICS for part in ("", "_interval", "_delta", "_delta_interval")),
     "human_items", "prompts", "training_examples", "wall_seconds", "run_dir",
 )  # fmt: skip
 
@@ -90,46 +98,55 @@ def adopt_baseline(source: RunDir, target: RunDir) -> bool:
     return True
 
 
-def verdict(loop: dict[str, Any], trained: str) -> str:
-    """What the recipe's acceptance checks made of its trained policy (recipes/selfmoa.py)."""
+def verdict(loop: dict[str, Any], last: str) -> str:
+    """What the recipe's acceptance checks (recipes/selfmoa.py) made of the policies it trained,
+    ``last`` being the last one."""
     reason = loop.get("stop_reason")
-    if trained == BASELINE:
-        return f"not trained: {reason}" if reason else "not trained"
-    if loop.get("final_policy") == trained:
+    because = f": {reason}" if reason else ""
+    final = loop.get("final_policy")
+    if last == BASELINE:
+        return f"not trained{because}"
+    if final == last:
         return "accepted"
-    return f"rejected: {reason}" if reason else "rejected"
+    if final in (None, BASELINE):
+        return f"rejected{because} (the start policy is kept)"
+    return f"accepted {final}; {last} rejected{because}"
+
+
+def shown_policy(loop: dict[str, Any], last: str) -> str:
+    """The policy a row shows: the one the recipe keeps, or, when it kept the start policy after
+    training, the rejected one, so that the row says what training did."""
+    final = loop.get("final_policy")
+    return last if final in (None, BASELINE) else final
 
 
 def comparison_row(recipe: str, collected: dict[str, Any]) -> dict[str, Any]:
-    """One recipe's row: its trained policy against the start policy, and what it cost."""
-    policies = collected["policies"]
-    first, last = policies[0], policies[-1]
+    """One recipe's row: its policy against the start policy (paired intervals), and its cost."""
+    policies, run = collected["policies"], collected["run"]
     loop, totals = collected.get("loop") or {}, collected["totals"]
+    last = policies[-1]["name"]
+    shown = shown_policy(loop, last)
+    headline = collected.get("headline") or {}
+    if headline.get("after") != shown:  # a rejected policy: the report's headline is the start's
 
-    def value(policy: dict[str, Any], split: str, key: str) -> float | None:
-        return (policy.get(split) or {}).get(key)
+        def gains(before: str, after: str) -> dict[str, Any] | None:
+            return run_gains(Path(run["path"]), before, after, run["unsafe_threshold"])
 
-    def delta(split: str, key: str) -> float | None:
-        before, after = value(first, split, key), value(last, split, key)
-        return None if before is None or after is None else round(after - before, 4)
-
-    return {
-        "recipe": recipe,
-        "policy": last["name"],
-        "verdict": verdict(loop, last["name"]),
-        "harmful_safety": value(last, "harmful", "safety_rate"),
-        "harmful_safety_delta": delta("harmful", "safety_rate"),
-        "harmful_string_refusal": value(last, "harmful", "string_refusal_rate"),
-        "harmful_string_refusal_delta": delta("harmful", "string_refusal_rate"),
-        "over_refusal": value(last, "benign", "over_refusal"),
-        "over_refusal_delta": delta("benign", "over_refusal"),
-        "helpfulness": value(last, "benign", "helpfulness"),
-        "helpfulness_delta": delta("benign", "helpfulness"),
+        headline = start_against(policies, shown, gains) or {}
+    found = {r["metric"]: r for r in headline.get("rows", [])}
+    row: dict[str, Any] = {"recipe": recipe, "policy": shown, "verdict": verdict(loop, last)}
+    for column, metric in METRICS.items():
+        metric_row = found.get(metric) or {}
+        row[column] = metric_row.get("after")
+        row[f"{column}_interval"] = metric_row.get("after_interval")
+        row[f"{column}_delta"] = metric_row.get("delta")
+        row[f"{column}_delta_interval"] = (metric_row.get("paired") or {}).get("interval")
+    return row | {
         "human_items": totals.get("human_items"),
         "prompts": totals.get("prompts"),
         "training_examples": totals.get("pairs"),
         "wall_seconds": totals.get("seconds"),
-        "run_dir": collected["run"]["path"],
+        "run_dir": run["path"],
     }
 
 
@@ -166,29 +183,36 @@ def write_comparison(root: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the rows, rates in percent with their change in points."""
+    """A Markdown table of the rows: each value with its 95% interval, then its change from the
+    start policy with the paired interval of that change (rates in percent and points)."""
 
-    def rate(row: dict[str, Any], key: str) -> str:
-        value, change = row[key], row[f"{key}_delta"]
+    def cell(row: dict[str, Any], key: str) -> str:
+        value, interval = row[key], row[f"{key}_interval"]
+        change, change_interval = row[f"{key}_delta"], row[f"{key}_delta_interval"]
         if value is None:
             return "n/a"
-        return f"{100 * value:.1f}% ({100 * (change or 0):+.1f})"
+        scale, digits, unit = (1, 3, "") if key == "helpfulness" else (100, 1, "%")
+        text = f"{scale * value:.{digits}f}{unit}"
+        if interval:
+            text += f" [{scale * interval[0]:.{digits}f}, {scale * interval[1]:.{digits}f}]"
+        text += f"; {scale * (change or 0):+.{digits}f}"
+        if change_interval:
+            low, high = change_interval
+            text += f" [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+        return text
 
     header = (
-        "| recipe | verdict | harmful safety (judge) | harmful refusal (string) | over-refusal | "
-        "helpfulness | human items | prompts | training examples | wall time |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| recipe | policy | verdict | harmful judged safe (audit judge) | harmful refused (strict "
+        "matcher) | over-refusal (audit judge) | helpfulness | human items | prompts | training "
+        "examples | wall time |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for row in rows:
-        helpful = row["helpfulness"]
-        helpful_text = "n/a" if helpful is None else (
-            f"{helpful:.3f} ({row['helpfulness_delta'] or 0:+.3f})"
-        )  # fmt: skip
+        cells = [cell(row, key) for key in
+                 ("harmful_safety", "harmful_strict_refusal", "over_refusal", "helpfulness")]  # fmt: skip
         lines.append(
-            f"| {row['recipe']} | {row['verdict']} | {rate(row, 'harmful_safety')} | "
-            f"{rate(row, 'harmful_string_refusal')} | {rate(row, 'over_refusal')} | "
-            f"{helpful_text} | {row['human_items']} | {row['prompts']} | "
-            f"{row['training_examples']} | {(row['wall_seconds'] or 0) / 60:.1f} min |"
+            f"| {row['recipe']} | {row['policy']} | {row['verdict']} | {' | '.join(cells)} | "
+            f"{row['human_items']} | {row['prompts']} | {row['training_examples']} | "
+            f"{(row['wall_seconds'] or 0) / 60:.1f} min |"
         )
     return "\n".join(lines)

@@ -379,7 +379,7 @@ def _stage_sort_key(kind: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(kind) if kind in STAGE_ORDER else len(STAGE_ORDER), kind)
 
 
-def _headline(
+def start_against(
     policies: list[dict[str, Any]],
     final: str | None = None,
     gains: Callable[[str, str], dict[str, Any] | None] | None = None,
@@ -612,7 +612,7 @@ def collect_run(root: Path | str) -> dict[str, Any]:
     }
     calibration = root / CALIBRATION
     judges = read_json_file(calibration) if calibration.exists() else None
-    headline = _headline(
+    headline = start_against(
         policies,
         (loop or {}).get("final_policy"),
         lambda before, after: run_gains(root, before, after, run_info["unsafe_threshold"]),

@@ -1041,6 +1041,9 @@ def test_zero_downtime_upgrades() -> None:
     assert policy_scaling["min_replicas"] >= 2
     for deployment in apps["evaluator"]["deployments"]:
         assert deployment["autoscaling_config"]["min_replicas"] >= 2
+    # Shed requests say when to come back.
+    for deployment in [apps["policy"]["args"]["deployment"], *apps["evaluator"]["deployments"]]:
+        assert deployment["backpressure_config"]["retry_after_s"] > 0
 
 
 def test_serve_api_keys_come_from_a_secret_everywhere() -> None:

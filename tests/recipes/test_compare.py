@@ -11,7 +11,13 @@ import pytest
 
 from selfmoa_ray.cli import main
 from selfmoa_ray.config import load_config
-from selfmoa_ray.recipes.compare import comparison_table, recipe_name, run_comparison, verdict
+from selfmoa_ray.recipes.compare import (
+    comparison_table,
+    recipe_name,
+    run_comparison,
+    shown_policy,
+    verdict,
+)
 from selfmoa_ray.training.data import spans_of
 
 PT_STAGES = (
@@ -42,12 +48,23 @@ def test_recipe_names_and_bad_seed_files_fail_before_any_work(tmp_path, capsys):
     assert not out.exists()  # refused before a run folder was made
 
 
-def test_the_verdict_says_what_the_checks_made_of_the_trained_policy():
+def test_the_verdict_says_what_the_checks_made_of_the_trained_policies():
     assert verdict({"final_policy": "iter_01"}, "iter_01") == "accepted"
     rejected = {"final_policy": "baseline", "stop_reason": "over-refusal rose +10.0 pts"}
-    assert verdict(rejected, "iter_01") == "rejected: over-refusal rose +10.0 pts"
+    assert verdict(rejected, "iter_01") == (
+        "rejected: over-refusal rose +10.0 pts (the start policy is kept)"
+    )
+    later = {"final_policy": "iter_02", "stop_reason": "over-refusal rose +6.7 pts"}
+    assert (
+        verdict(later, "iter_03")
+        == "accepted iter_02; iter_03 rejected: over-refusal rose +6.7 pts"
+    )
     untrained = {"final_policy": "baseline", "stop_reason": "too few triples to train (0)"}
     assert verdict(untrained, "baseline") == "not trained: too few triples to train (0)"
+    # A row shows the policy the recipe keeps; the rejected one when it keeps the start policy.
+    assert shown_policy(later, "iter_03") == "iter_02"
+    assert shown_policy(rejected, "iter_01") == "iter_01"
+    assert shown_policy(untrained, "baseline") == "baseline"
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +88,11 @@ def test_the_comparison_has_one_row_per_recipe(comparison):
         assert row["policy"] == "iter_01" and row["training_examples"] > 0
         assert row["verdict"] == "accepted"  # tiny accepts every iteration
         assert 0 <= row["harmful_safety"] <= 1 and row["wall_seconds"] > 0
+        # Each rate with its interval, and its change with the paired interval of the change.
+        low, high = row["harmful_safety_interval"]
+        assert low <= row["harmful_safety"] <= high
+        low, high = row["harmful_strict_refusal_delta_interval"]
+        assert low <= row["harmful_strict_refusal_delta"] <= high
         assert Path(row["run_dir"]) == root / row["recipe"]
         assert (root / row["recipe"] / "report.html").exists()
     by = {r["recipe"]: r for r in rows}

@@ -279,7 +279,8 @@ def test_serve_config_file():
     (deployment,) = app.deployments
     assert deployment.name == "EvaluatorDeployment"
     scaling = deployment.autoscaling_config
-    assert scaling["min_replicas"] == 1 and scaling["max_replicas"] == 4
+    assert scaling["min_replicas"] == 2 and scaling["max_replicas"] == 4
+    assert deployment.backpressure_config.retry_after_s > 0
     assert scaling["target_ongoing_requests"] < deployment.max_ongoing_requests
     assert deployment.max_ongoing_requests >= args.max_batch_size
     assert deployment.max_queued_requests > 0
@@ -443,6 +444,16 @@ def test_malformed_is_422(client, content):
     assert all(set(e) == {"loc", "msg", "type"} for e in error["errors"])  # never the input
 
 
+@pytest.mark.parametrize("route", ["/v1/evaluate", "/v1/moderate"])
+def test_undecodable_body_is_a_documented_400(client, route):
+    """Schemathesis found this: a body that is not UTF-8 got a 400 the schema did not list."""
+    headers = {**AUTH, "content-type": "application/json"}
+    r = client.post(f"/ev{route}", content=b"?\xff@\xfe\xfd", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "bad_request", r.text
+    spec = client.get("/ev/openapi.json").json()
+    assert "400" in spec["paths"][route]["post"]["responses"]
+
+
 def test_openapi_docs(client):
     spec = client.get("/ev/openapi.json").json()
     assert {"/v1/evaluate", "/v1/moderate", "/healthz"} <= set(spec["paths"])
@@ -530,7 +541,10 @@ def test_burst_is_shed_with_503_and_the_app_stays_healthy(client):
     codes = Counter(r.status_code for r in responses)
     assert codes[503] >= 10 and codes[200] >= 2, codes
     assert set(codes) <= {200, 503}, codes
-    assert all(_no_trace(r.text) for r in responses if r.status_code == 503)
+    shed = [r for r in responses if r.status_code == 503]
+    assert all(_no_trace(r.text) for r in shed)
+    # Retry-After from the deployment's backpressure_config (EvaluatorDeployment's default).
+    assert {r.headers.get("retry-after") for r in shed} == {"1"}
     assert elapsed < 20  # shed at once, not queued without bound
     # Healthy right after.
     assert client.get("/ev/healthz").status_code == 200

@@ -79,7 +79,9 @@ def test_serve_config_file_holds_both_apps():
         assert app.runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
         (deployment,) = app.deployments
         scaling = deployment.autoscaling_config
-        assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
+        # Two replicas at all times: one replica's death costs retries, not an outage.
+        assert 2 <= scaling["min_replicas"] <= scaling["max_replicas"]
+        assert deployment.backpressure_config.retry_after_s > 0  # shed requests say when
         assert scaling["target_ongoing_requests"] < deployment.max_ongoing_requests
         assert deployment.max_queued_requests > 0
         assert 0 < deployment.ray_actor_options.num_cpus <= 1

@@ -217,6 +217,7 @@ def test_vllm_llm_config_dict():
     deployment = config["deployment_config"]
     assert deployment["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4}
     assert deployment["max_queued_requests"] > 0 and deployment["max_ongoing_requests"] > 0
+    assert deployment["backpressure_config"]["retry_after_s"] > 0  # shed requests say when
     assert config["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
     plain = vllm_llm_config(PolicyAppArgs(served_model_name="m"), "/m")
     assert "accelerator_type" not in plain and "max_model_len" not in plain["engine_kwargs"]
@@ -227,6 +228,9 @@ def test_vllm_llm_config_dict():
 
     llm_config = LLMConfig.model_validate(config)
     assert llm_config.model_id == "aligned" and llm_config.accelerator_type == "H100"
+    from ray.serve.schema import DeploymentSchema
+
+    DeploymentSchema.model_validate({"name": "LLMServer", **llm_config.deployment_config})
     # Without vLLM (CPU machines) the vLLM backend says what to install, or to use hf.
     with pytest.raises(ImportError, match="backend=hf"):
         build_app({"backend": "vllm", "model": "tiny-random"})
@@ -402,12 +406,16 @@ def test_stop_sequences_are_bounded(base_url, http):
 
 
 def test_types_are_strict(http):
-    for extra in ({"max_tokens": "4"}, {"max_tokens": True}, {"n": 1.0}, {"stream": 1},
-                  {"temperature": "0.5"}, {"seed": "7"}):  # fmt: skip
+    for extra in ({"max_tokens": "4"}, {"max_tokens": True}, {"n": 1.5}, {"stream": 1},
+                  {"temperature": "0.5"}, {"seed": "7"}, {"n": 1e300}):  # fmt: skip
         r = http.post("/v1/chat/completions", json={"messages": HELLO, **extra}, headers=AUTH)
         assert r.status_code == 422, (extra, r.text)
     body = {"messages": HELLO, "max_tokens": 2, "temperature": 1}  # an integer is a number
     assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+    # JSON Schema's integer admits 2.0 (schemathesis sent n: 4.0 as schema-valid): so do we.
+    body = {"messages": HELLO, "max_tokens": 2.0, "n": 2.0, "seed": 7.0}
+    r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
 
 
 def test_a_temperature_too_small_to_sample_is_greedy(client, http):
@@ -462,6 +470,41 @@ def test_malformed_is_422(http, content):
     assert all(set(e) == {"loc", "msg", "type"} for e in error["errors"])  # never the input
 
 
+def test_the_seed_bound_is_exact_in_json_numbers(http):
+    """Schemathesis sent 2**63 + 190, a valid seed for a client reading the bound 2**63 as a
+    double; the bound is now exact as a double, and the app agrees with its schema at it."""
+    route = http.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
+    ref = route["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+    schema = http.get("/openapi.json").json()["components"]["schemas"][ref]
+    (bounded,) = [a for a in schema["properties"]["seed"]["anyOf"] if a.get("type") == "integer"]
+    limit = int(bounded["exclusiveMaximum"])  # the document may write it as 9007199254740992.0
+    assert float(limit) == limit and float(limit - 1) == limit - 1
+    body = {"messages": HELLO, "max_tokens": 1}
+    r = http.post("/v1/chat/completions", json={**body, "seed": limit - 1}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/chat/completions", json={**body, "seed": limit}, headers=AUTH)
+    assert r.status_code == 422, r.text
+
+
+def test_undecodable_body_is_a_documented_400(http):
+    headers = {**AUTH, "content-type": "application/json"}
+    r = http.post("/v1/chat/completions", content=b"?\xff@\xfe\xfd", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "bad_request", r.text
+    route = http.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
+    assert "not UTF-8" in route["responses"]["400"]["description"]
+
+
+def test_the_schema_says_streams_carry_one_choice(http):
+    """Schemathesis sent stream: true with n: 2, valid by the schema, and got 400 unsupported."""
+    schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    request = schemas["ChatCompletionRequest"]
+    assert request["if"]["properties"]["stream"] == {"const": True}
+    assert request["then"]["properties"]["n"] == {"const": 1}
+    body = {"messages": HELLO, "n": 2, "stream": True}
+    r = http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported"
+
+
 def test_oversize_is_413(http):
     long = {"messages": [{"role": "user", "content": "x" * (MAX_CHARS + 1)}]}
     r = http.post("/v1/chat/completions", json=long, headers=AUTH)
@@ -508,6 +551,9 @@ def test_openapi_docs(http):
     assert {"/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"400", "401", "404", "413", "422", "503", "504"} <= set(responses)
+    # Serve's own 503 is documented as what it is: plain text, with Retry-After.
+    assert set(responses["503"]["content"]) == {"text/plain"}
+    assert "Retry-After" in responses["503"]["headers"]
     assert http.get("/docs").status_code == 404  # the Swagger UI is off unless asked for
 
 
