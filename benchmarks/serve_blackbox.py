@@ -43,7 +43,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -100,15 +100,20 @@ LARGEST_EVALUATION = {"items": [{"prompt": "p" * 8000, "response": "r" * 8000}] 
 ISSUE_STOP = chat_body(stop="s" * 1_000_000, max_tokens=8, stream=True)
 
 
-async def send(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> tuple[int, float]:
-    """Status (0 for a connection error) and seconds, the streamed body read to its end."""
+class Answer(NamedTuple):
+    status: int  # 0 for a connection error
+    seconds: float  # until the (streamed) body was read to its end
+    retry_after: str | None
+
+
+async def send(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> Answer:
     t0 = time.monotonic()
     try:
         async with client.stream("POST", path, json=body) as r:
             await r.aread()
-            return r.status_code, time.monotonic() - t0
+            return Answer(r.status_code, time.monotonic() - t0, r.headers.get("retry-after"))
     except httpx.HTTPError:
-        return 0, time.monotonic() - t0
+        return Answer(0, time.monotonic() - t0, None)
 
 
 async def probe_health(root: str, path: str, stop: asyncio.Event) -> list[float]:
@@ -154,8 +159,7 @@ async def under_worst(
     async def loop(kinds: list[tuple[str, dict[str, Any], str]]) -> None:
         while time.monotonic() < deadline:
             for path, body, label in kinds:
-                status, _ = await send(client, path, body)
-                statuses[f"{label} {status}"] += 1
+                statuses[f"{label} {(await send(client, path, body)).status}"] += 1
 
     # copies=0: one client sending the worst requests one after another.
     await asyncio.gather(*([loop(WORST)] if copies == 0 else
@@ -169,9 +173,9 @@ async def under_worst(
 
 async def worst_requests(root: str, headers: dict[str, str], seconds: float) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=root, headers=headers, timeout=120) as client:
-        status, elapsed = await send(client, CHAT, ISSUE_STOP)
+        issue = await send(client, CHAT, ISSUE_STOP)
         return {
-            "issue_reproduction": {"status": status, "seconds": round(elapsed, 3)},
+            "issue_reproduction": {"status": issue.status, "seconds": round(issue.seconds, 3)},
             "one_at_a_time": await under_worst(root, client, seconds, copies=0),
             # Two clients per kind: every replica is busy with worst requests at all times.
             "saturated": await under_worst(root, client, seconds, copies=2),
@@ -181,26 +185,18 @@ async def worst_requests(root: str, headers: dict[str, str], seconds: float) -> 
 async def burst(root: str, headers: dict[str, str], n: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=2 * n)
     async with httpx.AsyncClient(base_url=root, headers=headers, timeout=120, limits=limits) as c:
-
-        async def one(path: str, body: dict[str, Any]) -> tuple[int, str | None]:
-            try:
-                r = await c.post(path, json=body)
-                return r.status_code, r.headers.get("retry-after")
-            except httpx.HTTPError:
-                return 0, None
-
         t0 = time.monotonic()
         answers = await asyncio.gather(
-            *[one("/policy/v1/chat/completions", chat_body(max_tokens=16)) for _ in range(n)],
-            *[one("/evaluator/v1/evaluate", {"items": [{"prompt": "p", "response": "r"}]})
+            *[send(c, CHAT, chat_body(max_tokens=16)) for _ in range(n)],
+            *[send(c, "/evaluator/v1/evaluate", {"items": [{"prompt": "p", "response": "r"}]})
               for _ in range(n)],
         )  # fmt: skip
         elapsed = time.monotonic() - t0
         t1 = time.monotonic()
-        while (await one("/policy/v1/chat/completions", chat_body(max_tokens=4)))[0] != 200:
+        while (await send(c, CHAT, chat_body(max_tokens=4))).status != 200:
             await asyncio.sleep(0.1)
-        shed = [after for status, after in answers if status == 503]
-    return {"requests": 2 * n, "statuses": dict(Counter(status for status, _ in answers)),
+        shed = [a.retry_after for a in answers if a.status == 503]
+    return {"requests": 2 * n, "statuses": dict(Counter(a.status for a in answers)),
             "seconds": round(elapsed, 1), "shed_with_retry_after": sum(a is not None for a in shed),
             "retry_after_values": sorted({a for a in shed if a}),
             "first_normal_answer_after_s": round(time.monotonic() - t1, 2)}  # fmt: skip
@@ -219,10 +215,8 @@ async def replica_kill(root: str, headers: dict[str, str], clients: int) -> dict
 
         async def loop() -> None:
             while time.monotonic() < deadline:
-                status, _ = await send(
-                    client, "/policy/v1/chat/completions", chat_body(max_tokens=16)
-                )
-                events.append((time.monotonic() - killed_at, status))
+                answer = await send(client, CHAT, chat_body(max_tokens=16))
+                events.append((time.monotonic() - killed_at, answer.status))
 
         async def kill_and_watch() -> None:
             await asyncio.sleep(max(0.0, killed_at - time.monotonic()))
