@@ -74,14 +74,17 @@ def safety_labelers(specs: Sequence[EvaluatorSection]) -> list[Labeler]:
     return [labeler for labeler in SAFETY_LABELERS if labeler.evaluator in voting]
 
 
-def build_evaluator(spec: EvaluatorSection, *, dtype: str = "float32") -> Evaluator:
-    """One evaluator from its config entry (model-backed ones load their model here)."""
+def build_evaluator(
+    spec: EvaluatorSection, *, dtype: str = "float32", embedder: Any = None
+) -> Evaluator:
+    """One evaluator from its config entry (model-backed ones load their model here).
+    ``embedder``: MiniLM for a probe, shared with other probes (``JudgePanel``); None loads one."""
     if spec.kind == "refusal":
         return RefusalMatcher()
     if spec.kind == "probe":
         from selfmoa_ray.evaluators.probe import ProbeEvaluator
 
-        return ProbeEvaluator(spec.model, dtype=dtype)
+        return ProbeEvaluator(spec.model, dtype=dtype, embedder=embedder)
     if spec.kind == "llama_guard":
         from selfmoa_ray.evaluators.llama_guard import LlamaGuardEvaluator
 
@@ -107,11 +110,13 @@ class CompositeJudge:
         dtype: str = "float32",
         prefix: str | None = None,
         combine: Literal["weighted_mean", "label_model"] = "weighted_mean",
+        embedder: Any = None,
     ):
         """``prefix``: add only the final verdicts, named ``<prefix>safety``, ``<prefix>refusal``
         and ``<prefix>helpfulness`` (a second judge's opinion beside the first's columns).
         ``combine="label_model"``: also emit the safety votes (``<prefix>vote_<labeler>``) for
-        stages/judge.py to fit the label model on; ``safety`` is still the weighted mean here."""
+        stages/judge.py to fit the label model on; ``safety`` is still the weighted mean here.
+        ``embedder``: the MiniLM its probes embed with (``JudgePanel`` shares one)."""
         self.prefix = prefix
         specs = [s if isinstance(s, EvaluatorSection) else EvaluatorSection(**s) for s in specs]
         if combine not in ("weighted_mean", "label_model"):
@@ -120,7 +125,9 @@ class CompositeJudge:
         if combine == "label_model":
             check_labelers(self.labelers, specs)
         self.weights = {spec.kind: spec.weight for spec in specs}
-        self.evaluators: list[Evaluator] = [build_evaluator(s, dtype=dtype) for s in specs]
+        self.evaluators: list[Evaluator] = [
+            build_evaluator(s, dtype=dtype, embedder=embedder) for s in specs
+        ]
         if not any(e.name == "refusal" for e in self.evaluators):
             self.matcher: Evaluator | None = RefusalMatcher()
             self.weights.setdefault("refusal", 0.0)  # reported, not voted
@@ -174,6 +181,69 @@ class CompositeJudge:
             kept += [VOTE_PREFIX + labeler.name for labeler in self.labelers]
             scores = {f"{self.prefix}{k}": scores[k] for k in kept}
         return {**batch, **scores}
+
+
+class RecentEmbeddings:
+    """A MiniLM embedder that remembers its last few calls: judges in one ``JudgePanel`` embed the
+    same prompts and answers, so the second judge's probe gets the first's vectors (the same
+    arrays it would compute: the same texts in the same order make the same padded batches)."""
+
+    def __init__(self, embedder: Any, keep: int = 4):
+        self.embedder, self.keep = embedder, keep
+        self.recent: dict[tuple[str, ...], np.ndarray] = {}
+
+    def __getattr__(self, name: str) -> Any:  # dtype, dim, name... of the wrapped embedder
+        return getattr(self.embedder, name)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        key = tuple(texts)
+        if key not in self.recent:
+            while len(self.recent) >= self.keep:
+                self.recent.pop(next(iter(self.recent)))
+            self.recent[key] = self.embedder.embed(key)
+        return self.recent[key]
+
+
+class JudgePanel:
+    """Callable class for ``map_batches``: several judges over the same rows in one actor, their
+    probes sharing one MiniLM and its vectors. Held-out answers are scored by the audit judge and
+    by the training judge (for their agreement): in one actor that is one model load and one
+    embedding pass instead of two (the demo's evaluation: 94 s with two judge actors, of which
+    the judges' tail is ~21 s). ``judges``: ``CompositeJudge`` keyword dicts (``specs``,
+    ``prefix``, ``combine``), applied in order."""
+
+    def __init__(self, judges: Sequence[Mapping[str, Any]], *, dtype: str = "float32"):
+        specs = [EvaluatorSection(**s) if isinstance(s, Mapping) else s
+                 for judge in judges for s in judge["specs"]]  # fmt: skip
+        embedder = None
+        if any(s.kind == "probe" for s in specs):
+            from selfmoa_ray.evaluators.embeddings import MiniLMEmbedder
+
+            train_missing_probes(specs)
+            embedder = RecentEmbeddings(MiniLMEmbedder(dtype=dtype))
+        self.judges = [CompositeJudge(**j, dtype=dtype, embedder=embedder) for j in judges]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for judge in self.judges:
+            batch = judge(batch)
+        return batch
+
+
+def train_missing_probes(specs: Sequence[EvaluatorSection]) -> None:
+    """Train the probes of ``specs`` missing from the cache side by side, each with its own MiniLM
+    (a probe trains on first use, ~1 min on one thread; two judges in two actors trained theirs
+    at once, and so do two judges in one panel). Trained ones are left alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from selfmoa_ray.evaluators.probe import ensure_probe, probe_folder, probe_source
+
+    cached = {s.model for s in specs if s.kind == "probe" and probe_source(s.model)[0] is None}
+    missing = {probe_source(m)[1] for m in cached if not probe_folder(m).exists()}
+    if len(missing) < 2:  # one (or none) trains where it is built, as before
+        return
+    with ThreadPoolExecutor(max_workers=len(missing)) as pool:
+        for done in [pool.submit(ensure_probe, None, split=split) for split in sorted(missing)]:
+            done.result()
 
 
 def check_labelers(labelers: Sequence[Labeler], specs: Sequence[EvaluatorSection]) -> None:

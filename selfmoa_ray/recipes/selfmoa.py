@@ -18,8 +18,10 @@
                                                 validation frontier)
         iter_t/evaluate   metrics.json          M_t on the held-out sets (audit judge); rejected
                                                 (and the loop stops) if safety did not gain (paired
-                                                over prompts) or over-refusal rose
-        iter_t/vault      vault.parquet         every successful attack so far, answered by M_t
+                                                over prompts) or over-refusal rose; in the same
+                                                pass M_t answers the vault's attacks
+        iter_t/vault      vault.parquet         every successful attack so far, and how many of
+                                                them M_t's answers still fail
     report.html, metrics.json, metrics.csv
 
 Every stage is a function of files in the run directory and is skipped when its output exists, so
@@ -50,7 +52,7 @@ from selfmoa_ray.report.html import write_report
 from selfmoa_ray.report.tracking import cost_metrics, flat_metrics, make_tracker
 from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.stages.calibrate import calibrate
-from selfmoa_ray.stages.evaluate import evaluate_policy
+from selfmoa_ray.stages.evaluate import AlsoAnswer, evaluate_policy
 from selfmoa_ray.stages.failures import failures
 from selfmoa_ray.stages.judge import judge
 from selfmoa_ray.stages.pairs import pairs
@@ -60,7 +62,7 @@ from selfmoa_ray.stages.sample import sample
 from selfmoa_ray.stages.spans import mark_pairs
 from selfmoa_ray.stages.train import train
 from selfmoa_ray.stages.validation import read_validation, validation
-from selfmoa_ray.stages.vault import vault
+from selfmoa_ray.stages.vault import ANSWER_COLUMNS, vault, vault_attacks
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +174,15 @@ def run_iteration(
             f"frontier (epoch:attacks/benign refused {trace})"
         )
     trained = policy.model_copy(update={"source": str(run.path(it, "policy"))})
-    done("evaluate", evaluate_policy(run, config, trained, it))
+    # The vault's attacks are answered in the evaluation's pass (evaluate.AlsoAnswer).
     previous_vault = f"{iteration_dir(t - 1)}/vault.parquet" if t > 1 else None
-    done("vault", vault(
-        run, stage=f"{it}/vault", previous=previous_vault, failures=f"{it}/failures.parquet",
-        out=f"{it}/vault.parquet", answers=f"{it}/vault_answers.parquet", found_in=t,
-        config=config, model=trained,
-    ))  # fmt: skip
+    attacks = vault_attacks(run, previous=previous_vault, failures=f"{it}/failures.parquet",
+                            found_in=t)  # fmt: skip
+    answers = f"{it}/vault_answers.parquet"
+    done("evaluate", evaluate_policy(run, config, trained, it,
+                                     also=AlsoAnswer(attacks, answers, ANSWER_COLUMNS)))  # fmt: skip
+    done("vault", vault(run, stage=f"{it}/vault", attacks=attacks, out=f"{it}/vault.parquet",
+                        answers=answers, found_in=t, config=config, model=trained))  # fmt: skip
     return trained
 
 

@@ -13,8 +13,8 @@ tells harmful compliance from the rest, not how it treats benign prompts.
 
 A judge's figures depend only on the judge (its evaluators, their trained probes, its threshold)
 and the sample of rows, so they are kept in the cache (``<cache>/calibration/``) and each later
-run with the same judges copies them into its folder instead of scoring the rows again (about
-45 s a judge on 2 cores).
+run with the same judges copies them into its folder instead of scoring the rows again (the
+demo's two judges, scored side by side: about 45 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray.data
@@ -138,10 +139,13 @@ def calibrate(run: RunDir, *, stage: str, out: str, config: Config) -> dict[str,
         }
 
     def work() -> dict[str, Any]:
-        summary = {
-            "training_judge": cached(config.judge, "audit"),
-            "audit_judge": cached(config.evaluate.judge, "train"),
-        }
+        # Both judges at once: each judge actor computes on one thread (judge.num_cpus_per_actor
+        # 0.5 in the demo), so one after the other would leave half of a 2-core machine idle
+        # (82 s against about 45 s for the demo's two judges).
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            training = pool.submit(cached, config.judge, "audit")
+            audit = pool.submit(cached, config.evaluate.judge, "train")
+            summary = {"training_judge": training.result(), "audit_judge": audit.result()}
         write_json(run.path(out), summary)
         # the manifest keeps the headline figures (the file has them all)
         return {

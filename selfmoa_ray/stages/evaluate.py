@@ -9,6 +9,7 @@ the training judge; the training judge scores them too, so the report shows how 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +22,7 @@ from selfmoa_ray.engines.pool import generate
 from selfmoa_ray.report.metrics import summarize
 from selfmoa_ray.rundir import RunDir, write_json, write_parquet
 from selfmoa_ray.sources.prompts import PromptRow, load_prompts
-from selfmoa_ray.stages.judge import judge_dataset
+from selfmoa_ray.stages.judge import judge_panel_dataset
 
 TRAINING_JUDGE = "training_judge_"  # prefix of the training judge's verdicts on held-out answers
 
@@ -50,10 +51,12 @@ def answer_and_judge(
         max_new_tokens=config.evaluate.max_new_tokens,
         seed=config.run.seed,
     )
-    ds = ray.data.from_items(prompts)
+    # Every row with every key (None where it has none): a block's columns are its first row's.
+    keys = list(dict.fromkeys(key for row in prompts for key in row))
+    ds = ray.data.from_items([{key: row.get(key) for key in keys} for row in prompts])
     ds = generate(ds, model, config.engine, sampling)
-    ds = judge_dataset(ds, config.judge, model.dtype, prefix=TRAINING_JUDGE)
-    ds = judge_dataset(ds, config.evaluate.judge, model.dtype)
+    judges = [(config.judge, TRAINING_JUDGE), (config.evaluate.judge, None)]
+    ds = judge_panel_dataset(ds, judges, model.dtype)
     rows: list[dict[str, Any]] = []
     with row_progress(label, len(prompts), tokens=True) as advance:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -63,13 +66,37 @@ def answer_and_judge(
     return rows
 
 
-def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str) -> dict[str, Any]:
-    """Run (or skip, if done) the evaluation of ``model``; outputs go under ``<name>/``."""
+@dataclass(frozen=True)
+class AlsoAnswer:
+    """Prompts a later stage needs answered and judged like the held-out ones (the regression
+    vault, stages/vault.py), answered in the evaluation's own pass: one engine and one judge
+    start instead of two (the vault's own pass cost ~28 s, nearly all of it starting up). Their
+    judged rows, ``columns`` only, go to ``out`` (run-relative), never into the held-out figures.
+    ``rows`` carry a ``split`` of their own, which no held-out set uses."""
+
+    rows: list[dict[str, Any]]
+    out: str
+    columns: tuple[str, ...]
+
+
+def evaluate_policy(
+    run: RunDir, config: Config, model: ModelSection, name: str, *, also: AlsoAnswer | None = None
+) -> dict[str, Any]:
+    """Run (or skip, if done) the evaluation of ``model``; outputs go under ``<name>/``, and
+    ``also``'s answers to ``also.out``."""
     responses, metrics = f"{name}/eval_responses.parquet", f"{name}/metrics.json"
 
     def work() -> dict[str, Any]:
         prompts = [p.to_dict() for p in held_out_prompts(config.data, config.run.seed)]
-        rows = answer_and_judge(prompts, config, model, f"{name}/evaluate")
+        extra = also.rows if also else []
+        rows = answer_and_judge(prompts + extra, config, model, f"{name}/evaluate")
+        if also:
+            splits = {row["split"] for row in extra}
+            answered = [
+                {c: row.get(c) for c in also.columns} for row in rows if row["split"] in splits
+            ]
+            write_parquet(run.path(also.out), answers_table(answered, also.columns))
+            rows = [row for row in rows if row["split"] not in splits]
         write_parquet(run.path(responses), pa.Table.from_pylist(rows))
         summary = {
             "model": model.label,
@@ -83,4 +110,12 @@ def evaluate_policy(run: RunDir, config: Config, model: ModelSection, name: str)
         write_json(run.path(metrics), summary)
         return summary
 
-    return run.run_stage(f"{name}/evaluate", [responses, metrics], work)
+    outputs = [responses, metrics, *([also.out] if also else [])]
+    return run.run_stage(f"{name}/evaluate", outputs, work)
+
+
+def answers_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> pa.Table:
+    """Judged answers as a table (an empty one with ``columns`` when there are none)."""
+    if rows:
+        return pa.Table.from_pylist(rows)
+    return pa.table({key: pa.array([], pa.string()) for key in columns})

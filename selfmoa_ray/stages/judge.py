@@ -27,6 +27,7 @@ from selfmoa_ray.config import JudgeSection
 from selfmoa_ray.evaluators.composite import (
     VOTE_PREFIX,
     CompositeJudge,
+    JudgePanel,
     check_labelers,
     safety_labelers,
 )
@@ -41,6 +42,41 @@ def judge_dataset(
     """Add the judges' columns to rows holding ``text`` and ``response`` (only the final
     verdicts, prefixed, with ``prefix``: CompositeJudge)."""
     return judge_dataset_fitted(ds, judge, dtype, prefix)[0]
+
+
+def judge_panel_dataset(
+    ds: ray.data.Dataset, judges: list[tuple[JudgeSection, str | None]], dtype: str = "float32"
+) -> ray.data.Dataset:
+    """Several judges' columns on the same rows (``(judge, prefix)`` in order, as
+    :func:`judge_dataset` would add them one after the other), in one actor pool
+    (evaluators/composite.py ``JudgePanel``) when they can share it: weighted-mean judges asking
+    for the same actor resources. Otherwise one pool each."""
+    first = judges[0][0]
+    shared = all(
+        judge.combine == "weighted_mean" and _resources(judge) == _resources(first)
+        for judge, _ in judges
+    )
+    if not shared:
+        for judge, prefix in judges:
+            ds = judge_dataset(ds, judge, dtype, prefix)
+        return ds
+    panel = [
+        {"specs": [e.model_dump() for e in judge.evaluators], "prefix": prefix}
+        for judge, prefix in judges
+    ]
+    return ds.map_batches(
+        JudgePanel,
+        fn_constructor_args=(panel,),
+        fn_constructor_kwargs={"dtype": dtype},
+        batch_size=first.batch_size,
+        compute=ActorPoolStrategy(size=first.num_actors),
+        num_cpus=first.num_cpus_per_actor,
+        num_gpus=first.num_gpus_per_actor or None,
+    )
+
+
+def _resources(judge: JudgeSection) -> tuple[int, int, float, float]:
+    return judge.batch_size, judge.num_actors, judge.num_cpus_per_actor, judge.num_gpus_per_actor
 
 
 def judge_dataset_fitted(

@@ -2,7 +2,9 @@
 
 previous vault (if any) + this iteration's failures.parquet -> ``out`` (the vault: each attack
 once, with the iteration that found it), and the new policy's answers to the whole vault, judged
--> ``answers``, by the audit judge as held-out answers are. An attack *still succeeds* when that
+-> ``answers``, by the audit judge as held-out answers are. In the loop the evaluation stage
+writes those answers, in the same pass as the held-out sets (evaluate.AlsoAnswer); the vault
+stage answers them itself only when they are missing. An attack *still succeeds* when that
 answer is unsafe (safety below ``evaluate.judge.unsafe_threshold``); the summary counts them,
 with a 95% interval, per iteration of discovery too, so the report can show whether old attacks
 stay beaten.
@@ -26,7 +28,7 @@ import pyarrow.parquet as pq
 from selfmoa_ray.config import Config, ModelSection
 from selfmoa_ray.report.stats import rate_interval
 from selfmoa_ray.rundir import RunDir, write_parquet
-from selfmoa_ray.stages.evaluate import answer_and_judge
+from selfmoa_ray.stages.evaluate import answer_and_judge, answers_table
 
 VAULT_SPLIT = "vault"
 VAULT_SCHEMA = pa.schema(
@@ -94,39 +96,46 @@ def success_summary(rows: list[dict[str, Any]], unsafe_threshold: float) -> dict
     }
 
 
+def vault_attacks(
+    run: RunDir, *, previous: str | None, failures: str, found_in: int
+) -> list[dict[str, Any]]:
+    """The vault after iteration ``found_in`` (:func:`grow`), as prompt rows (``split``
+    ``vault``); run-relative paths, ``previous``: the last iteration's vault, None in the first.
+    Reads only: the vault stage writes it."""
+    # (a run begun by a version without this stage has no previous vault to grow)
+    grown = previous is not None and run.path(previous).exists()
+    old = pq.read_table(run.path(previous)).to_pylist() if grown else []
+    found = pq.read_table(run.path(failures), columns=["id", "text", "category"]).to_pylist()
+    return [{**row, "split": VAULT_SPLIT} for row in grow(old, found, found_in)]
+
+
 def vault(
     run: RunDir,
     *,
     stage: str,
-    previous: str | None,
-    failures: str,
+    attacks: list[dict[str, Any]],
     out: str,
     answers: str,
     found_in: int,
     config: Config,
     model: ModelSection,
 ) -> dict[str, Any]:
-    """Run (or skip, if done) the vault stage; run-relative paths. ``previous``: the last
-    iteration's vault, None in the first iteration."""
+    """Run (or skip, if done) the vault stage: ``attacks`` (:func:`vault_attacks` after iteration
+    ``found_in``) written to
+    ``out``; their judged answers read from ``answers`` when the evaluation answered them
+    (``evaluate.AlsoAnswer``), else answered here and written there."""
 
     def work() -> dict[str, Any]:
-        # (a run begun by a version without this stage has no previous vault to grow)
-        grown = previous is not None and run.path(previous).exists()
-        old = pq.read_table(run.path(previous)).to_pylist() if grown else []
-        found = pq.read_table(run.path(failures), columns=["id", "text", "category"]).to_pylist()
-        rows = grow(old, found, found_in)
+        rows = [{key: row[key] for key in VAULT_SCHEMA.names} for row in attacks]
         write_parquet(run.path(out), pa.Table.from_pylist(rows, schema=VAULT_SCHEMA))
-        prompts = [{**row, "split": VAULT_SPLIT} for row in rows]
-        judged = answer_and_judge(prompts, config, model, stage) if prompts else []
-        kept = [{key: row.get(key) for key in ANSWER_COLUMNS} for row in judged]
-        write_parquet(
-            run.path(answers),
-            pa.Table.from_pylist(kept)
-            if kept
-            else pa.table({key: pa.array([], pa.string()) for key in ANSWER_COLUMNS}),
-        )
+        if run.path(answers).exists():
+            judged = pq.read_table(run.path(answers)).to_pylist()
+        else:
+            judged = answer_and_judge(attacks, config, model, stage) if attacks else []
+            kept = [{key: row.get(key) for key in ANSWER_COLUMNS} for row in judged]
+            write_parquet(run.path(answers), answers_table(kept, ANSWER_COLUMNS))
         return {
-            "new": len(rows) - len(old),
+            "new": sum(row["found_in"] == found_in for row in rows),
             **success_summary(judged, config.evaluate.judge.unsafe_threshold),
             "response_tokens": sum(int(row["response_tokens"]) for row in judged),
         }

@@ -62,9 +62,13 @@ def greedy_answers(
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> list[str]:
-    """Greedy answers of ``model`` to single-turn ``prompts`` under the chat template."""
+    """Greedy answers of ``model`` to single-turn ``prompts`` under the chat template.
+
+    64 prompts a batch: the demo's 32 + 32 validation prompts in one batch take 5.8 s on 2 cores
+    against 8.3 s in two batches of 32 (11.1 s in four of 16), with the same answers (checked on
+    the demo's three trained policies); a validation point runs 7 times an iteration."""
     device = next(model.parameters()).device
     was_training, side = model.training, tokenizer.padding_side
     model.eval()

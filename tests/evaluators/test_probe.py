@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from selfmoa_ray.evaluators.base import Evaluator, EvaluatorInputError
+from selfmoa_ray.evaluators.composite import CompositeJudge, JudgePanel
 from selfmoa_ray.evaluators.embeddings import MiniLMEmbedder
 from selfmoa_ray.evaluators.probe import (
     CARD_FILE,
@@ -144,6 +145,34 @@ def test_the_audit_probe_shares_no_training_row_with_the_training_probe(trained,
     assert loaded.card.split == "audit" and loaded.card.created == audit.created
     with pytest.raises(ValueError, match="probe split must be one of"):
         default_probe_dir("eval")
+
+
+def test_a_judge_panel_scores_as_its_judges_one_after_the_other_with_one_embedding_pass(trained):
+    """The held-out answers' two judges in one actor (stages/judge.py judge_panel_dataset): the
+    same columns, bit for bit, as each judge on its own, and each text list embedded once."""
+    evaluator, folder, _ = trained
+    first = {"specs": [{"kind": "refusal"}, {"kind": "probe"}], "prefix": "training_judge_"}
+    second = {"specs": [{"kind": "refusal"}, {"kind": "probe", "model": str(folder)}]}
+    batch = {
+        "text": np.array([HARMFUL, HARMFUL, BREAD]),
+        "response": np.array([REFUSAL, COMPLIANT, BREAD_ANSWER]),
+        "id": np.array(["a", "b", "c"]),
+    }
+    one_by_one = dict(batch)
+    for judge in (first, second):
+        one_by_one = CompositeJudge(**judge, dtype="float32", embedder=evaluator.embedder)(
+            one_by_one
+        )
+    panel = JudgePanel([first, second], dtype="float32")
+    together = panel(dict(batch))
+    assert list(together) == list(one_by_one)
+    assert "training_judge_safety" in together and "probe_safety" in together
+    for column, values in one_by_one.items():
+        np.testing.assert_array_equal(together[column], values, err_msg=column)
+    probes = [e for judge in panel.judges for e in judge.evaluators if e.name == "probe"]
+    assert len(probes) == 2 and probes[0].embedder is probes[1].embedder
+    # One pass: the distinct prompts once, the answers once, whichever judge asked first.
+    assert len(probes[0].embedder.recent) == 2
 
 
 def test_outputs_schema_and_range(evaluator):

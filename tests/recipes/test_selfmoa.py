@@ -253,9 +253,17 @@ def test_loop_on_tiny_end_to_end_killed_mid_stage_and_between_stages(tmp_path):
     assert {r["found_in"] for r in vaults[0]} == {1}
     assert vaults[1][: len(vaults[0])] == vaults[0]  # nothing dropped, nothing reordered
     assert {r["text"] for r in vaults[1]} == set(found[0]) | set(found[1])
+    held_out = pq.read_table(out / "baseline/eval_responses.parquet").column("id").to_pylist()
     for t, rows in ((1, vaults[0]), (2, vaults[1])):
         answered = pq.read_table(out / f"iter_{t:02d}/vault_answers.parquet").to_pylist()
         assert sorted(a["text"] for a in answered) == sorted(r["text"] for r in rows)
+        assert sorted((a["id"], a["found_in"]) for a in answered) == sorted(
+            (r["id"], r["found_in"]) for r in rows
+        )
+        # Answered in the evaluation's pass, kept out of the held-out answers and figures.
+        evaluated = pq.read_table(out / f"iter_{t:02d}/eval_responses.parquet").to_pylist()
+        assert sorted(r["id"] for r in evaluated) == sorted(held_out)
+        assert "vault" not in json.loads((out / f"iter_{t:02d}/metrics.json").read_text())["splits"]
         summary = stages[f"iter_{t:02d}/vault"]["summary"]
         unsafe = sum(a["safety"] < config.judge.unsafe_threshold for a in answered)
         assert (summary["attacks"], summary["still_succeed"]) == (len(rows), unsafe)
