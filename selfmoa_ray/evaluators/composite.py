@@ -19,6 +19,7 @@ and ``helpfulness`` stay weighted means in both modes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -230,20 +231,25 @@ class JudgePanel:
 
 
 def train_missing_probes(specs: Sequence[EvaluatorSection]) -> None:
-    """Train the probes of ``specs`` missing from the cache side by side, each with its own MiniLM
-    (a probe trains on first use, ~1 min on one thread; two judges in two actors trained theirs
-    at once, and so do two judges in one panel). Trained ones are left alone."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Train the probes of ``specs`` missing from the cache, one after the other, with as many
+    torch threads as there are (a probe trains on first use: 52 s on one thread, 28 s on two, all
+    but 4 s of it MiniLM; two judges in two actors trained theirs at once, each on its thread).
+    One after the other, not in Python threads: transformers' lazy imports are not thread-safe."""
+    import torch
 
     from selfmoa_ray.evaluators.probe import ensure_probe, probe_folder, probe_source
 
     cached = {s.model for s in specs if s.kind == "probe" and probe_source(s.model)[0] is None}
-    missing = {probe_source(m)[1] for m in cached if not probe_folder(m).exists()}
+    missing = sorted({probe_source(m)[1] for m in cached if not probe_folder(m).exists()})
     if len(missing) < 2:  # one (or none) trains where it is built, as before
         return
-    with ThreadPoolExecutor(max_workers=len(missing)) as pool:
-        for done in [pool.submit(ensure_probe, None, split=split) for split in sorted(missing)]:
-            done.result()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads * len(missing), os.cpu_count() or 1))
+    try:
+        for split in missing:
+            ensure_probe(None, split=split)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_labelers(labelers: Sequence[Labeler], specs: Sequence[EvaluatorSection]) -> None:
