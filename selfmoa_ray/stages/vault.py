@@ -121,9 +121,8 @@ def vault(
     model: ModelSection,
 ) -> dict[str, Any]:
     """Run (or skip, if done) the vault stage: ``attacks`` (:func:`vault_attacks` after iteration
-    ``found_in``) written to
-    ``out``; their judged answers read from ``answers`` when the evaluation answered them
-    (``evaluate.AlsoAnswer``), else answered here and written there."""
+    ``found_in``) written to ``out``; their judged answers read from ``answers`` when the
+    evaluation answered them (``evaluate.AlsoAnswer``), else answered here and written there."""
 
     def work() -> dict[str, Any]:
         rows = [{key: row[key] for key in VAULT_SCHEMA.names} for row in attacks]
