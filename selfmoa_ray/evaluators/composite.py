@@ -75,6 +75,11 @@ def safety_labelers(specs: Sequence[EvaluatorSection]) -> list[Labeler]:
     return [labeler for labeler in SAFETY_LABELERS if labeler.evaluator in voting]
 
 
+def as_sections(specs: Sequence[EvaluatorSection | Mapping[str, Any]]) -> list[EvaluatorSection]:
+    """Evaluator entries as config sections (actors receive them as plain dicts)."""
+    return [s if isinstance(s, EvaluatorSection) else EvaluatorSection(**s) for s in specs]
+
+
 def build_evaluator(
     spec: EvaluatorSection, *, dtype: str = "float32", embedder: Any = None
 ) -> Evaluator:
@@ -119,7 +124,7 @@ class CompositeJudge:
         stages/judge.py to fit the label model on; ``safety`` is still the weighted mean here.
         ``embedder``: the MiniLM its probes embed with (``JudgePanel`` shares one)."""
         self.prefix = prefix
-        specs = [s if isinstance(s, EvaluatorSection) else EvaluatorSection(**s) for s in specs]
+        specs = as_sections(specs)
         if combine not in ("weighted_mean", "label_model"):
             raise ValueError(f"combine must be 'weighted_mean' or 'label_model', got {combine!r}")
         self.labelers = safety_labelers(specs) if combine == "label_model" else []
@@ -214,8 +219,7 @@ class JudgePanel:
     keyword dicts (``specs``, ``prefix``, ``combine``), applied in order."""
 
     def __init__(self, judges: Sequence[Mapping[str, Any]], *, dtype: str = "float32"):
-        specs = [EvaluatorSection(**s) if isinstance(s, Mapping) else s
-                 for judge in judges for s in judge["specs"]]  # fmt: skip
+        specs = as_sections([spec for judge in judges for spec in judge["specs"]])
         embedder = None
         if any(s.kind == "probe" for s in specs):
             from selfmoa_ray.evaluators.embeddings import MiniLMEmbedder

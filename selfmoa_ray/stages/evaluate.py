@@ -92,9 +92,7 @@ def evaluate_policy(
         rows = answer_and_judge(prompts + extra, config, model, f"{name}/evaluate")
         if also:
             splits = {row["split"] for row in extra}
-            answered = [
-                {c: row.get(c) for c in also.columns} for row in rows if row["split"] in splits
-            ]
+            answered = [row for row in rows if row["split"] in splits]
             write_parquet(run.path(also.out), answers_table(answered, also.columns))
             rows = [row for row in rows if row["split"] not in splits]
         write_parquet(run.path(responses), pa.Table.from_pylist(rows))
@@ -115,7 +113,7 @@ def evaluate_policy(
 
 
 def answers_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> pa.Table:
-    """Judged answers as a table (an empty one with ``columns`` when there are none)."""
+    """Judged answers, ``columns`` only, as a table (an empty one when there are none)."""
     if rows:
-        return pa.Table.from_pylist(rows)
+        return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
     return pa.table({key: pa.array([], pa.string()) for key in columns})

@@ -131,8 +131,7 @@ def vault(
             judged = pq.read_table(run.path(answers)).to_pylist()
         else:
             judged = answer_and_judge(attacks, config, model, stage) if attacks else []
-            kept = [{key: row.get(key) for key in ANSWER_COLUMNS} for row in judged]
-            write_parquet(run.path(answers), answers_table(kept, ANSWER_COLUMNS))
+            write_parquet(run.path(answers), answers_table(judged, ANSWER_COLUMNS))
         return {
             "new": sum(row["found_in"] == found_in for row in rows),
             **success_summary(judged, config.evaluate.judge.unsafe_threshold),
