@@ -419,6 +419,12 @@ class TrainSection(Section):
     )
     learning_rate: float = Field(5e-6, gt=0)
     epochs: int = Field(1, ge=1)
+    order: Literal["mixed", "file"] = Field(
+        "mixed",
+        description="row order of each epoch: 'mixed' spreads each split (attacks, benign "
+        "prompts) evenly over it, shuffled with run.seed (training/data.py mixed_order); 'file' "
+        "keeps the input's order",
+    )
     batch_size: int = Field(4, ge=1, description="per worker")
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16)

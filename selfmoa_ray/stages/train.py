@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray.data
 import ray.train
 from ray.data import ActorPoolStrategy, ExecutionOptions
@@ -25,12 +26,13 @@ from ray.train.torch import TorchTrainer
 
 from selfmoa_ray.config import ModelSection, TrainSection
 from selfmoa_ray.console import remote_progress
+from selfmoa_ray.engines.pool import as_dataset
 from selfmoa_ray.rundir import TRAIN_STORAGE_DIR, RunDir, atomic_path
-from selfmoa_ray.stages.sample import read_dataset
 from selfmoa_ray.training.data import (
     SCALAR_COLUMNS,
     MalformedPairError,
     TokenizeRows,
+    in_training_order,
     kind_of,
     token_columns,
 )
@@ -156,7 +158,8 @@ def train(
     unless ``train.keep_checkpoints``. ``validation``: see :func:`fit`."""
 
     def work() -> dict[str, Any]:
-        ds = read_dataset(run, data, rows_per_block=config.batch_size)
+        table = in_training_order(pq.read_table(run.path(data)), config.order, seed)
+        ds = as_dataset(table, config.batch_size)
         result = fit(
             ds,
             model_path=model.source,

@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from selfmoa_ray.training.data import (
     encode_pairs,
     encode_response,
     encode_triples,
+    in_training_order,
+    mixed_order,
     spans_of,
     tokenize,
 )
@@ -185,3 +189,27 @@ def test_selfmoa_train_rejects_bad_pairs_files_before_starting_ray(tmp_path, cap
         err = capsys.readouterr().err
         assert code == 2 and re.search(message, err), err
         assert not out.exists()  # rejected before a run folder (or Ray) was made
+
+
+def test_mixed_order_spreads_benign_pairs_over_the_epoch():
+    """The demo's pairs file holds 35 attack pairs, then 12 benign ones: in file order the trainer
+    met its first benign pair after 35 rows; mixed, every stretch of 5 rows holds one."""
+    splits = ["redteam"] * 35 + ["benign"] * 12
+    order = mixed_order(splits, seed=0)
+    assert sorted(order.tolist()) == list(range(47))
+    benign_at = np.flatnonzero(np.asarray(splits, dtype=object)[order] == "benign")
+    gaps = np.diff(np.concatenate([[-1], benign_at, [47]]))
+    assert gaps.max() <= 5, benign_at
+    assert (mixed_order(splits, seed=0) == order).all()
+    assert (mixed_order(splits, seed=1) != order).any()
+
+
+def test_training_order_follows_the_config():
+    table = pa.table({"id": [f"p{i}" for i in range(8)], "split": ["redteam"] * 6 + ["benign"] * 2})
+    assert in_training_order(table, "file", seed=0).equals(table)
+    mixed = in_training_order(table, "mixed", seed=0)
+    assert sorted(mixed["id"].to_pylist()) == table["id"].to_pylist()
+    assert "benign" in mixed["split"].to_pylist()[:4]
+    no_split = in_training_order(table.drop(["split"]), "mixed", seed=0)
+    assert sorted(no_split["id"].to_pylist()) == table["id"].to_pylist()
+    assert no_split["id"].to_pylist() != table["id"].to_pylist()
