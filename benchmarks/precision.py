@@ -27,9 +27,9 @@ response's mean log-prob per token, the largest difference of its summed log-pro
 difference of the pair's log-ratio (chosen minus rejected: what DPO reads), and the share of pairs
 (with different answers) whose log-ratio changes sign.
 
-This measures quality only. Where bf16 is emulated (no AMX-BF16/AVX512-BF16: the header line says
-which) it is several times slower than float32, so the timings printed say nothing about speed
-on a machine that computes bf16 natively; measure speed there.
+Mainly quality. The generation times printed are one run each: a rough speed figure where the
+CPU multiplies bf16 natively (AMX-BF16/AVX512-BF16: the header line says which), none where bf16 is
+emulated (several times slower than float32 there); benchmarks/loop.py measures the loop's speed.
 """
 
 from __future__ import annotations
@@ -300,7 +300,11 @@ def print_tables(results: dict, args) -> None:
               f"{r['per_token_max_abs']:>14.4f} {r['sum_max_abs']:>8.3f} "
               f"{r['ratio_mean_abs']:>11.3f} {r['ratio_sign_flips']:>10.1%} of {r['pairs_compared']}")  # fmt: skip
     secs = ", ".join(f"{dt} {s} s" for dt, s in results["seconds"].items())
-    print(f"generation time ({secs}) is no speed figure where bf16 is emulated")
+    from selfmoa_ray.precision import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    print(f"generation time ({secs}): " + ("bf16 native here, so a speed figure (one run each)"
+          if native else "no speed figure, bf16 is emulated here"))  # fmt: skip
 
 
 if __name__ == "__main__":

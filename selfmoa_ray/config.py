@@ -452,6 +452,12 @@ class TrainSection(Section):
     max_failures: int = Field(
         1, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
     )
+    checkpoint_epochs: bool = Field(
+        True,
+        description="a checkpoint (weights and optimizer state) at the end of each epoch but the "
+        "last, to resume a killed training there; off, a killed training starts its stage again "
+        "and nothing is written mid-way (SmolLM2-135M: 1.6 GB per checkpoint)",
+    )
     keep_checkpoints: bool = Field(
         False,
         description="keep Ray Train's checkpoints (optimizer state) after the stage finished; "

@@ -168,7 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         chooser.observe(strategy.unwrapped(), epoch=epoch + 1)
         # The last epoch needs no checkpoint of its own: the export below is the final one.
         if epoch + 1 < cfg.epochs:
-            report(metrics, save=True)
+            report(metrics, save=cfg.checkpoint_epochs)
 
     # The export: the kept epoch's policy in Hugging Face format, as the final checkpoint.
     zero_stage = cfg.zero_stage if cfg.strategy == "deepspeed" else None
