@@ -156,7 +156,7 @@ def test_the_audit_probe_shares_no_training_row_with_the_training_probe(trained)
 def test_a_judge_panel_scores_as_its_judges_one_after_the_other_with_one_embedding_pass(trained):
     """The held-out answers' two judges in one actor (stages/judge.py judge_panel_dataset): the
     same columns, bit for bit, as each judge on its own, and each text list embedded once."""
-    evaluator, folder, _ = trained
+    _, folder, _ = trained
     first = {"specs": [{"kind": "refusal"}, {"kind": "probe"}], "prefix": "training_judge_"}
     second = {"specs": [{"kind": "refusal"}, {"kind": "probe", "model": str(folder)}]}
     batch = {
@@ -165,10 +165,11 @@ def test_a_judge_panel_scores_as_its_judges_one_after_the_other_with_one_embeddi
         "id": np.array(["a", "b", "c"]),
     }
     one_by_one = dict(batch)
+    # The panel's own dtype on both sides: ``evaluator.embedder`` is ``auto``, bf16 on a CPU with
+    # native bf16, where a different batch then rounds differently.
+    embedder = MiniLMEmbedder(dtype="float32")
     for judge in (first, second):
-        one_by_one = CompositeJudge(**judge, dtype="float32", embedder=evaluator.embedder)(
-            one_by_one
-        )
+        one_by_one = CompositeJudge(**judge, dtype="float32", embedder=embedder)(one_by_one)
     panel = JudgePanel([first, second], dtype="float32")
     together = panel(dict(batch))
     assert list(together) == list(one_by_one)
