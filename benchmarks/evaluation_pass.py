@@ -25,11 +25,11 @@ import ray.data
 from selfmoa_ray.config import Config, load_config
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import generate
+from selfmoa_ray.evaluators.audit import TRAINING_JUDGE, answer_and_judge, held_out_prompts
+from selfmoa_ray.evaluators.pool import judge_dataset
 from selfmoa_ray.ray_runtime import ray_for_run
 from selfmoa_ray.sources.prompts import load_prompts
 from selfmoa_ray.stages.calibrate import accuracy, held_back_rows
-from selfmoa_ray.stages.evaluate import TRAINING_JUDGE, answer_and_judge, held_out_prompts
-from selfmoa_ray.stages.judge import judge_dataset
 
 COMPARED = ("response", "safety", "refusal", "helpfulness", "training_judge_safety")
 

@@ -27,6 +27,14 @@ response's mean log-prob per token, the largest difference of its summed log-pro
 difference of the pair's log-ratio (chosen minus rejected: what DPO reads), and the share of pairs
 (with different answers) whose log-ratio changes sign.
 
+(d) Verdicts on the greedy answers of (a), float32 policy against bfloat16 policy (each judged in
+its own dtype, as in (b)'s last row): what the held-out evaluation reads off an answer, namely the
+strict refusal matcher's verdict and the probe's unsafe and refusal decisions. Per verdict: the
+share of prompts where both policies' answers get the same verdict, each side's rate, and the
+paired change (bf16 minus float32) with its 95% bootstrap interval and McNemar's p. Identical text
+is a stricter bar than the evaluation needs: two answers that part after the opening usually
+still refuse, or comply, alike.
+
 Mainly quality. The generation times printed are one run each: a rough speed figure where the
 CPU multiplies bf16 natively (AMX-BF16/AVX512-BF16: the header line says which), none where bf16 is
 emulated (several times slower than float32 there); benchmarks/loop.py measures the loop's speed.
@@ -193,6 +201,43 @@ def score_diff(a: dict, b: dict) -> dict[str, float]:
     }
 
 
+def verdict_agreement(
+    texts: dict[str, list[str]], probe: dict[str, dict], keep: list[int]
+) -> dict[str, dict]:
+    """Per verdict, how often the float32 and bfloat16 answers to the prompts ``keep`` get the
+    same one (see (d))."""
+    import numpy as np
+
+    from selfmoa_ray.evaluators.refusal import is_strict_refusal
+    from selfmoa_ray.report.stats import paired_gain
+
+    def verdicts(dtype: str) -> dict[str, np.ndarray]:
+        return {
+            "strict refusal": np.array([is_strict_refusal(t) for t in texts[dtype]]),
+            "probe unsafe": probe[dtype]["probe_safety"] < 0.5,
+            "probe refusal": probe[dtype]["probe_refusal"] >= 0.5,
+        }
+
+    a = {name: v[keep] for name, v in verdicts("float32").items()}
+    b = {name: v[keep] for name, v in verdicts("bfloat16").items()}
+    return {
+        name: {
+            "same": float(np.mean(a[name] == b[name])),
+            "rates": [float(a[name].mean()), float(b[name].mean())],
+            "change": paired_gain(a[name], b[name]),
+        }
+        for name in a
+    }
+
+
+def _paired(change: dict) -> str:
+    low, high = change["interval"]
+    return (
+        f"{change['gain']:+.1%} [{low:+.1%}, {high:+.1%}], p = {change['p_value']:.2g} "
+        f"({change['gained']} up, {change['lost']} down)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
@@ -250,6 +295,15 @@ def main() -> None:
         "same pairs, fp32 vs bf16 MiniLM": score_diff(scores["float32"], scores["bfloat16"]),
         "end to end (policy + judge)": score_diff(head, tail),
     }
+    texts = {dt: answers[dt].texts for dt in DTYPES}
+    results["verdicts"] = {
+        name: verdict_agreement(
+            texts,
+            {"float32": head, "bfloat16": tail},
+            [i for i, (split, _) in enumerate(rows) if name in (split, "all")],
+        )
+        for name in [*splits, "all"]
+    }
     ref_pairs = [
         {"prompt": chat, "chosen": a, "rejected": b}
         for chat, a, b in zip(
@@ -299,6 +353,16 @@ def print_tables(results: dict, args) -> None:
         print(f"{name:<16} {r['responses']:>9} {r['per_token_mean_abs']:>15.4f} "
               f"{r['per_token_max_abs']:>14.4f} {r['sum_max_abs']:>8.3f} "
               f"{r['ratio_mean_abs']:>11.3f} {r['ratio_sign_flips']:>10.1%} of {r['pairs_compared']}")  # fmt: skip
+    print(
+        "(d) verdicts on the greedy answers, float32 policy vs bfloat16 policy (each judged in its dtype)"
+    )
+    print(
+        f"{'prompts: verdict':<28} {'same':>6} {'float32':>8} {'bf16':>6}   bf16 - float32, paired"
+    )
+    for split, verdicts in results["verdicts"].items():
+        for name, r in verdicts.items():
+            print(f"{split + ': ' + name:<28} {r['same']:>6.1%} {r['rates'][0]:>8.1%} "
+                  f"{r['rates'][1]:>6.1%}   {_paired(r['change'])}")  # fmt: skip
     secs = ", ".join(f"{dt} {s} s" for dt, s in results["seconds"].items())
     from selfmoa_ray.precision import cpu_has_native_bf16
 

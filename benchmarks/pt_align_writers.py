@@ -41,10 +41,10 @@ def measure(config_name: str, per_topic: int, overrides: list[str]) -> dict:
     from selfmoa_ray.config import load_config
     from selfmoa_ray.engines.base import SamplingParams
     from selfmoa_ray.engines.pool import complete
+    from selfmoa_ray.evaluators.audit import held_out_prompts
     from selfmoa_ray.ray_runtime import ray_for_run
     from selfmoa_ray.report.stats import rate_interval
     from selfmoa_ray.sources.human_seeds import load_human_seeds
-    from selfmoa_ray.stages.evaluate import held_out_prompts
     from selfmoa_ray.stages.instructions import (
         check_instruction,
         fill_templates,

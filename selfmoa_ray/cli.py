@@ -117,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or --resume) the Self-MOA closed loop")
     _run_args(run)
     run.add_argument(
-        "--recipe", default="selfmoa", choices=RECIPE_CHOICES,
-        help="selfmoa: the closed loop; pt-align: PT-ALIGN from the human-seed file; combined: "
-        "Self-MOA pairs plus unlikelihood on the harmful tokens of unsafe rejected answers",
-    )  # fmt: skip
+        "--recipe",
+        choices=RECIPE_CHOICES,
+        help="sets run.recipe (default: the config's, selfmoa unless it says otherwise). selfmoa: "
+        "the closed loop; pt-align: PT-ALIGN from the human-seed file; combined: Self-MOA pairs "
+        "plus unlikelihood on the harmful tokens of unsafe rejected answers",
+    )
 
     compare = sub.add_parser("compare", help="run recipes side by side from one config")
     _run_args(compare)
@@ -184,8 +186,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluators":
         return _train_probe(args.out, args.split, args.seed, args.folds)
     if args.command == "run":
-        config = load_config(args.config, args.overrides)
-        return _run(config, args.output_dir, args.resume, args.recipe, verbose=args.verbose)
+        recipe = [f"run.recipe={args.recipe}"] if args.recipe else []
+        config = load_config(args.config, [*args.overrides, *recipe])
+        return _run(config, args.output_dir, args.resume, verbose=args.verbose)
     if args.command == "compare":
         config = load_config(args.config, args.overrides)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -228,7 +231,7 @@ def _list_prompts() -> int:
 
 
 def _train_probe(out: str | None, split: str, seed: int, folds: int) -> int:
-    from selfmoa_ray.evaluators.probe import train_probe
+    from selfmoa_ray.evaluators.probe_training import train_probe
 
     card = train_probe(Path(out) if out else None, split=split, seed=seed, folds=folds)
     print(f"probe ({split} split) saved to {card.path} ({card.embedder}, {card.feature_dim} dims)")
@@ -266,14 +269,13 @@ def _run(
     config: Config,
     output_dir: str | None,
     resume: bool,
-    recipe: str = "selfmoa",
     *,
     verbose: bool = False,
 ) -> int:
-    from selfmoa_ray.recipes.compare import RECIPES, check_recipes, recipe_name
-    from selfmoa_ray.report.html import print_before_after
+    from selfmoa_ray.recipes.compare import RECIPES, check_recipes
+    from selfmoa_ray.report.tables import print_before_after
 
-    name = recipe_name(recipe)
+    name = config.run.recipe
     check_recipes(config, [name])  # a bad config or seed file fails before a run folder exists
     run = _run_dir(config, output_dir, resume)
     with _session(config, run.root, verbose):
@@ -349,7 +351,8 @@ def _redteam(config: Config, output_dir: str | None, resume: bool, *, verbose: b
 
 
 def _report(root: Path) -> int:
-    from selfmoa_ray.report.html import print_before_after, write_report
+    from selfmoa_ray.report.html import write_report
+    from selfmoa_ray.report.tables import print_before_after
 
     RunDir.open(root)  # a clear error when it is not a run folder
     print_before_after(write_report(root))

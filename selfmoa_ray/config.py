@@ -40,6 +40,19 @@ class RunSection(Section):
     name: str = "selfmoa"
     output_dir: str = "runs"
     seed: int = 0
+    recipe: Literal["selfmoa", "pt_align", "combined"] = Field(
+        "selfmoa",
+        description="selfmoa: the closed loop; pt_align: PT-ALIGN from the human-seed file; "
+        "combined: the loop with PT-ALIGN's unlikelihood on the harmful spans of rejected answers "
+        "(`selfmoa run --recipe` sets it)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_spelling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("recipe"), str):
+            data = {**data, "recipe": data["recipe"].replace("-", "_")}  # pt-align = pt_align
+        return data
 
 
 class RaySection(Section):
@@ -365,17 +378,18 @@ class JudgeSection(Section):
 class PairsSection(Section):
     """Preference pair construction (2.1 step 5)."""
 
-    mode: Literal["margin", "scalarised", "intent"] = Field(
+    mode: Literal["margin", "weighted", "intent"] = Field(
         "margin",
-        description="margin: most helpful safe vs least safe; scalarised: weighted score; intent: "
+        description="margin: most helpful safe vs least safe; weighted: best vs worst by "
+        "rank_w_safety * safety + rank_w_helpfulness * helpfulness; intent: "
         "on attacks the safest answer (a refusal first) vs the least safe, on benign prompts the "
         "most helpful non-refusal vs a refusal (stages/pairs.py)",
     )
     min_gap: float = Field(
         0.1, ge=0, description="minimum helpfulness (or score) gap to keep a pair"
     )
-    w_safety: float = Field(0.5, ge=0, description="scalarised mode: weight of safety")
-    w_helpful: float = Field(0.5, ge=0, description="scalarised mode: weight of helpfulness")
+    rank_w_safety: float = Field(0.5, ge=0, description="weighted mode: weight of safety")
+    rank_w_helpfulness: float = Field(0.5, ge=0, description="weighted mode: weight of helpfulness")
 
 
 class LoraSection(Section):
@@ -389,17 +403,36 @@ class LoraSection(Section):
 class TrainSection(Section):
     """Multi-objective preference optimisation on Ray Train (2.1 step 6, 2.2 step 5)."""
 
-    loss: Literal["dpo", "ipo", "modpo", "scalarised_dpo", "pt_align"] = "modpo"
+    loss: str = Field(
+        "modpo",
+        description="the objective: a module of selfmoa_ray/training/objectives/ (dpo, ipo, "
+        "modpo, scalarised_dpo, pt_align)",
+    )
     beta: float = Field(0.1, gt=0)
-    w_s: float = Field(0.5, ge=0, description="MODPO safety-margin weight; 0 gives plain DPO")
-    w_h: float = Field(0.5, gt=0, description="MODPO helpfulness weight")
+    loss_w_safety: float = Field(
+        0.5,
+        ge=0,
+        description="the loss's weight of safety: MODPO's margin weight w_s (0 gives plain DPO), "
+        "scalarised DPO's safety weight",
+    )
+    loss_w_helpfulness: float = Field(
+        0.5,
+        gt=0,
+        description="the loss's weight of helpfulness: MODPO's w_h, scalarised DPO's helpfulness "
+        "weight",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     sft_weight: float = Field(0.0, ge=0, description="optional SFT term on chosen responses")
     unlikelihood_alpha: float = Field(
         1.0,
         ge=0,
-        description="weight of the unlikelihood term: PT-ALIGN's on toxic answers, and, when "
-        "pairs carry harmful_spans (the combined recipe), on the rejected responses' marked tokens",
+        description="weight of the unlikelihood term: PT-ALIGN's on toxic answers, and, with "
+        "train.unlikelihood, on the rejected responses' marked tokens",
+    )
+    unlikelihood: bool = Field(
+        False,
+        description="pair losses: add PT-ALIGN's unlikelihood term on the harmful spans marked in "
+        "the rejected answers (the pairs must carry harmful_spans; the combined recipe sets it)",
     )
     reference: Literal["previous", "initial"] = "previous"
     over_refusal_weight: float = Field(
@@ -466,6 +499,17 @@ class TrainSection(Section):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _known_loss(self) -> TrainSection:
+        from selfmoa_ray.training import objectives  # its names() imports no torch
+
+        if self.loss not in objectives.names():
+            raise ValueError(
+                f"train.loss {self.loss!r} is not an objective; one of "
+                f"{', '.join(objectives.names())} (the modules of selfmoa_ray/training/objectives/)"
+            )
+        return self
 
 
 class EvaluateSection(Section):
@@ -546,6 +590,22 @@ class Config(Section):
     evaluate: EvaluateSection = EvaluateSection()
     loop: LoopSection = LoopSection()
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _recipe_trains_its_rows(self) -> Config:
+        """The loop's recipes train on pairs; PT-ALIGN sets its own loss on its triples."""
+        if self.run.recipe != "pt_align" and self.train.loss == "pt_align":
+            raise ValueError(
+                f"train.loss=pt_align trains on positive/toxic triples, not the pairs of "
+                f"run.recipe={self.run.recipe}; use a preference loss (modpo, dpo, ipo, "
+                "scalarised_dpo), or run.recipe=pt_align"
+            )
+        if self.run.recipe == "selfmoa" and self.train.unlikelihood:
+            raise ValueError(
+                "train.unlikelihood needs pairs whose rejected answers carry harmful spans: "
+                "run.recipe=combined marks them (it sets train.unlikelihood itself)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _independent_audit_judge(self) -> Config:
@@ -683,9 +743,41 @@ def _index(items: list[Any], part: str, key: str) -> int:
     return int(part)
 
 
-def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
-    """Load a preset or YAML file, apply dotted overrides, and validate; raise ConfigError."""
+BASE_KEY = "base"  # a user YAML's "base: demo" (a preset) or "base: other.yaml" (a file)
+
+
+def read_with_bases(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset or YAML file as data, on top of its ``base`` (itself read the same way, a
+    relative file path taken from the file's folder): sections merge key by key, lists and
+    values of the file replace the base's."""
     data = _read_yaml(name_or_path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{name_or_path}: base must name a preset or a YAML file, got {base!r}")
+    path = Path(name_or_path)
+    if base not in list_presets() and not Path(base).is_absolute() and path.is_file():
+        base = str(path.parent / base)
+    if base in seen or str(name_or_path) in seen:
+        chain = " -> ".join([*seen, str(name_or_path), base])
+        raise ConfigError(f"config bases form a cycle: {chain}")
+    return _merge(read_with_bases(base, (*seen, str(name_or_path))), data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        below = merged.get(key)
+        both = isinstance(value, dict) and isinstance(below, dict)
+        merged[key] = _merge(below, value) if both else value
+    return merged
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file (on top of its ``base``), apply dotted overrides, and validate;
+    raise ConfigError."""
+    data = read_with_bases(name_or_path)
     config = _validate(data, str(name_or_path))
     if not overrides:
         return config
@@ -702,6 +794,14 @@ def _validate(data: dict[str, Any], source: str) -> Config:
 
 
 MAX_EXPLAINED_ERRORS, MAX_ECHO_CHARS = 10, 40
+# Keys and values renamed so that two concepts do not share a name: old -> new
+RENAMED = {
+    "train.w_s": "train.loss_w_safety",
+    "train.w_h": "train.loss_w_helpfulness",
+    "pairs.w_safety": "pairs.rank_w_safety",
+    "pairs.w_helpful": "pairs.rank_w_helpfulness",
+}
+RENAMED_VALUES = {("pairs.mode", "scalarised"): "weighted"}
 
 
 def _brief(text: str) -> str:
@@ -715,12 +815,17 @@ def _explain(err: ValidationError, source: str) -> str:
     for e in errors[:MAX_EXPLAINED_ERRORS]:
         loc = [str(p) for p in e["loc"]]
         key = _brief(".".join(loc) or "<root>")
-        if e["type"] == "extra_forbidden":
+        got = e.get("input")
+        scalar = isinstance(got, (str, int, float, bool))
+        renamed_value = RENAMED_VALUES.get((".".join(loc), got)) if scalar else None
+        if e["type"] == "extra_forbidden" and ".".join(loc) in RENAMED:
+            lines.append(f"  - {key}: renamed {RENAMED['.'.join(loc)]}")
+        elif e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             lines.append(f"  - {key}: unknown key; allowed here: {', '.join(allowed)}")
+        elif renamed_value:
+            lines.append(f"  - {key}: {got!r} was renamed {renamed_value!r}")
         else:
-            got = e.get("input")
-            scalar = isinstance(got, (str, int, float, bool))
             shown = _brief(repr(got)) if scalar else f"a {type(got).__name__}"
             lines.append(f"  - {key}: {e['msg']} (got {shown})")
     if len(errors) > MAX_EXPLAINED_ERRORS:

@@ -34,8 +34,8 @@ from typing import IO, Any
 
 from selfmoa_ray.config import Config
 from selfmoa_ray.cpu_meter import CpuMeter
+from selfmoa_ray.schema import MANIFEST
 
-MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
     "selfmoa-ray",
     "torch",
@@ -246,6 +246,10 @@ class RunDir:
         return self.root.joinpath(*parts)
 
     # -- stages -----------------------------------------------------------------------------
+
+    def stage_summary(self, name: str) -> dict[str, Any]:
+        """What the stage ``name`` recorded of its work (empty when it has not run)."""
+        return self.manifest["stages"].get(name, {}).get("summary", {})
 
     def stage_status(self, name: str) -> str:
         return self.manifest["stages"].get(name, {}).get("status", "pending")

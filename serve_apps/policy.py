@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -48,7 +48,8 @@ from pydantic_core import PydanticCustomError
 from ray import serve
 from ray.serve import Application
 
-from selfmoa_ray.engines.base import MIN_SAMPLING_TEMPERATURE, is_greedy
+from selfmoa_ray.engines.base import MIN_SAMPLING_TEMPERATURE, SamplingParams
+from selfmoa_ray.schema import MANIFEST
 from serve_apps.auth import APIKeyAuth
 from serve_apps.limits import (
     OVERLOADED_DOC,
@@ -61,10 +62,14 @@ from serve_apps.limits import (
     run_with_timeout,
 )
 
+if TYPE_CHECKING:  # torch and transformers load in the replicas only, when the model does
+    from transformers import StoppingCriteriaList
+
+    from selfmoa_ray.engines.hf_core import Answer
+
 logger = logging.getLogger("ray.serve")
 
 API_VERSION = "1"
-MANIFEST = "manifest.json"  # selfmoa_ray.rundir.MANIFEST (not imported: keeps this module light)
 OWNER = "selfmoa"
 # OpenAI's limit of 4 stop sequences, each at most this long: the stop checks scan a tail of this
 # many characters per generated token, so the bound is what keeps them cheap.
@@ -461,8 +466,12 @@ class _Job:
         return int(self.input_ids.shape[1])
 
     @property
-    def greedy(self) -> bool:
-        return is_greedy(self.temperature)
+    def sampling(self) -> SamplingParams:
+        """The settings the generation core reads. Its ``seed`` is unused: a request seeds torch
+        with ``seed`` itself, or not at all."""
+        return SamplingParams(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens
+        )
 
 
 @dataclass
@@ -473,42 +482,33 @@ class _Sample:
 
 
 class HFGenerator:
-    """A transformers chat model: templating, token counting and (streamed) generation.
+    """The served transformers model: the generation core the batch engine runs on too
+    (engines/hf_core.py: loading, templating, decoding keywords, answer cutting), plus what only a
+    server needs: a tokenizer for the encode thread, stop sequences, cancellation, streaming.
 
     Not thread-safe: the deployment calls :meth:`complete` and :meth:`stream` from one worker
     thread, one job at a time (seeding torch's global RNG is only meaningful that way).
     """
 
     def __init__(self, spec: str, *, dtype: str, trust_remote_code: bool, num_threads: int | None):
-        import torch
+        from selfmoa_ray.engines.hf_core import HFCore
 
-        from selfmoa_ray.sources.models import load_model, load_tokenizer, resolve_model
-
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        resolved = resolve_model(spec, trust_remote_code=trust_remote_code)
-        self.model = load_model(resolved, dtype=dtype, device=self.device)
+        self.core = HFCore(
+            spec, dtype=dtype, trust_remote_code=trust_remote_code, num_threads=num_threads
+        )
         # Two tokenizers: a fast tokenizer must not be used by two threads at once, and the encode
         # thread templates new requests while the worker thread decodes (and streams) another one.
-        self.tokenizer = load_tokenizer(resolved)  # worker thread only
-        self.prompt_tokenizer = load_tokenizer(resolved)  # the deployment's encode thread only
-        config_eos = self.model.generation_config.eos_token_id
-        eos = config_eos if isinstance(config_eos, list) else [config_eos]
-        self.eos_ids = {int(t) for t in [*eos, self.tokenizer.eos_token_id] if t is not None}
-        self.pad_id = self.tokenizer.pad_token_id
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.tokenizer = self.core.tokenizer  # worker thread only
+        self.prompt_tokenizer = self.core.new_tokenizer()  # the deployment's encode thread only
+        self.eos_ids = self.core.eos_ids()
+        self.context_length = getattr(self.core.model.config, "max_position_embeddings", None)
 
     def encode(self, messages: list[dict[str, str]]) -> Any:
-        """Prompt token ids (1 x n) of a chat, templated exactly as the project's HF engine does."""
-        tokenizer = self.prompt_tokenizer
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        """Prompt token ids (1 x n) of a chat, with the assistant's answer opened after it."""
+        return self.core.encode_chat(messages, self.prompt_tokenizer)
 
-    def _kwargs(self, job: _Job) -> dict[str, Any]:
+    def _stopping(self, job: _Job) -> "StoppingCriteriaList":
         from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from selfmoa_ray.engines.sampler import decoding
 
         tokenizer, start = self.tokenizer, job.prompt_tokens
         # A stop sequence of L characters ends within the last L tokens (+ a margin for tokens
@@ -534,54 +534,38 @@ class HFGenerator:
                 ] if job.stop else [False] * input_ids.shape[0]  # fmt: skip
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-        ids = job.input_ids.to(self.device)
-        return {
-            "input_ids": ids,
-            "attention_mask": ids.new_ones(ids.shape),
-            "max_new_tokens": job.max_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            **decoding(greedy=job.greedy, temperature=job.temperature, top_p=job.top_p),
-            "stopping_criteria": StoppingCriteriaList([Stop()]),
-        }
+        return StoppingCriteriaList([Stop()])
 
-    def _seed(self, job: _Job) -> None:
-        import torch
-
-        if job.seed is not None:
-            torch.manual_seed(job.seed)
-
-    def _sample(self, ids: list[int], job: _Job) -> _Sample:
-        eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
-        kept = [t for t in (ids if eos_at is None else ids[:eos_at]) if t != self.pad_id]
-        text, hit = _truncate_at_stop(
-            self.tokenizer.decode(kept, skip_special_tokens=True), job.stop
-        )
-        tokens = len(kept) + (eos_at is not None)
-        stopped = eos_at is not None or hit or tokens < job.max_tokens
-        return _Sample(text, tokens, "stop" if stopped else "length")
+    def _sample(self, answer: "Answer", job: _Job) -> _Sample:
+        """An answer as the API reports it: cut at the request's first stop sequence, and finished
+        ("stop") unless it used up ``max_tokens``."""
+        text, hit = _truncate_at_stop(answer.text, job.stop)
+        stopped = answer.eos or hit or answer.tokens < job.max_tokens
+        return _Sample(text, answer.tokens, "stop" if stopped else "length")
 
     def complete(self, job: _Job) -> list[_Sample]:
         """``job.n`` samples (greedy: decoded once, repeated)."""
-        import torch
+        from selfmoa_ray.engines.hf_core import rows_per_prompt, seed_torch
 
-        with torch.inference_mode():
-            self._seed(job)
-            per_prompt = 1 if job.greedy else job.n
-            kwargs = self._kwargs(job)  # its input_ids: one row, repeated for the n samples
-            kwargs["input_ids"] = kwargs["input_ids"].repeat(per_prompt, 1)
-            kwargs["attention_mask"] = kwargs["attention_mask"].repeat(per_prompt, 1)
-            out = self.model.generate(**kwargs)
-        new = out[:, job.prompt_tokens :].cpu()
-        return [self._sample(new[j % per_prompt].tolist(), job) for j in range(job.n)]
+        seed_torch(job.seed)
+        sampling = job.sampling
+        rows = rows_per_prompt(sampling)
+        new = self.core.generate(
+            job.input_ids, None, sampling, rows=rows, stopping_criteria=self._stopping(job)
+        )
+        (answers,) = self.core.answers(new, n=job.n, rows=rows, eos_ids=self.eos_ids)
+        return [self._sample(answer, job) for answer in answers]
 
     def stream(self, job: _Job, streamer: Any) -> _Sample:
         """Generate one sample into ``streamer``; the sample (for token counts) when done."""
-        import torch
+        from selfmoa_ray.engines.hf_core import seed_torch
 
-        with torch.inference_mode():
-            self._seed(job)
-            out = self.model.generate(**self._kwargs(job), streamer=streamer)
-        return self._sample(out[0, job.prompt_tokens :].cpu().tolist(), job)
+        seed_torch(job.seed)
+        stopping = self._stopping(job)
+        new = self.core.generate(
+            job.input_ids, None, job.sampling, stopping_criteria=stopping, streamer=streamer
+        )
+        return self._sample(self.core.answer(new[0].tolist(), self.eos_ids), job)
 
 
 # --------------------------------------------------------------------------- responses

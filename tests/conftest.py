@@ -1,8 +1,11 @@
-"""Shared fixtures: one real local Ray per session, bound to loopback, and an offline hub."""
+"""Shared fixtures: one real local Ray per session, bound to loopback, an offline hub, and free
+loopback ports for the servers the tests start."""
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -22,3 +25,15 @@ def ray_local():
     init_ray(RaySection(num_cpus=4), _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function that returns a TCP port free on 127.0.0.1 right now (for a server to bind)."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

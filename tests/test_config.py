@@ -149,3 +149,70 @@ def test_config_errors_never_echo_a_file_that_is_not_a_config(tmp_path):
     message = str(err.value)
     assert "s" * 50 not in message and "v" * 50 not in message and "... and" in message
     assert len(message.splitlines()) <= 12
+
+
+def test_a_user_yaml_builds_on_a_preset_or_another_file(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo\nrun:\n  name: mine\ntrain:\n  beta: 0.3\n")
+    config, demo = load_config(mine), load_config("demo")
+    assert (config.run.name, config.train.beta) == ("mine", 0.3)
+    # everything else is the demo's: sections merge key by key
+    assert config.run.seed == demo.run.seed and config.train.epochs == demo.train.epochs
+    assert config.sampling == demo.sampling and config.policy == demo.policy
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../mine.yaml\nloop:\n  iterations: 1\n")  # relative to the file
+    config = load_config(child, ["train.epochs=3"])
+    assert (config.run.name, config.train.beta, config.loop.iterations) == ("mine", 0.3, 1)
+    assert config.train.epochs == 3 and config.sampling == demo.sampling
+
+
+def test_config_bases_fail_clearly(tmp_path):
+    loop_a, loop_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    loop_a.write_text("base: b.yaml\n")
+    loop_b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(loop_a)
+    missing = tmp_path / "m.yaml"
+    missing.write_text("base: nope\n")
+    with pytest.raises(ConfigError, match="unknown config '.*nope'.*presets"):
+        load_config(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [demo]\n")
+    with pytest.raises(ConfigError, match="base must name a preset or a YAML file"):
+        load_config(bad)
+
+
+def test_renamed_keys_say_their_new_name():
+    with pytest.raises(ConfigError, match=r"train\.w_s: renamed train\.loss_w_safety"):
+        load_config("tiny", ["train.w_s=0"])
+    with pytest.raises(ConfigError, match=r"pairs\.w_helpful: renamed pairs\.rank_w_helpfulness"):
+        load_config("tiny", ["pairs.w_helpful=1"])
+    with pytest.raises(ConfigError, match=r"pairs\.mode: 'scalarised' was renamed 'weighted'"):
+        load_config("tiny", ["pairs.mode=scalarised"])
+
+
+def test_the_recipe_is_a_config_field_and_checks_the_loss():
+    assert load_config("tiny").run.recipe == "selfmoa"
+    assert load_config("tiny", ["run.recipe=pt-align"]).run.recipe == "pt_align"
+    assert load_config("tiny", ["run.recipe=pt_align", "train.loss=pt_align"]).train.loss
+    with pytest.raises(ConfigError, match="trains on positive/toxic triples"):
+        load_config("tiny", ["run.recipe=combined", "train.loss=pt_align"])
+    with pytest.raises(ConfigError, match="train.unlikelihood needs pairs"):
+        load_config("tiny", ["train.unlikelihood=true"])
+    with pytest.raises(ConfigError, match=r"run\.recipe"):
+        load_config("tiny", ["run.recipe=dpo"])
+
+
+def test_the_loss_names_an_objective_module():
+    from selfmoa_ray.training import objectives
+
+    assert objectives.names() == ["dpo", "ipo", "modpo", "pt_align", "scalarised_dpo"]
+    with pytest.raises(
+        ConfigError, match=r"train\.loss 'dpoo' is not an objective; one of dpo, ipo"
+    ):
+        load_config("tiny", ["train.loss=dpoo"])
+    for name in objectives.names():
+        objective = objectives.get(name)
+        assert objective.name == name and "prompt" in objective.columns
+        assert objective.reference == (objective.rows == "pairs")

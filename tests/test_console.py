@@ -20,9 +20,9 @@ import pytest
 
 from selfmoa_ray import console
 from selfmoa_ray.config import load_config
-from selfmoa_ray.recipes.selfmoa import stage_done
+from selfmoa_ray.recipes.steps import stage_done
 from selfmoa_ray.rundir import RunDir
-from selfmoa_ray.stages.sample import write_dataset
+from selfmoa_ray.stage_io import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

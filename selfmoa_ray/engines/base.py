@@ -125,3 +125,10 @@ def _object_array(values: list[Any]) -> np.ndarray:
     for i, value in enumerate(values):
         array[i] = value
     return array
+
+
+def join_prefill(prefill: str, continuation: str) -> str:
+    """The whole answer: the engines strip what they return, so the space the model wrote between
+    the prefill and its next word ("I can't" + " help") is put back."""
+    space = continuation[:1].isalnum() and not prefill[-1:].isspace()
+    return prefill + (" " if space else "") + continuation

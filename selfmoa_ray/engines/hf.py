@@ -6,30 +6,30 @@ is the expensive part (design.md 5.1), so actors are reused, never recreated per
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from selfmoa_ray.engines.base import SamplingParams, explode, prompt_text, rows_of
-from selfmoa_ray.engines.sampler import decoding
-from selfmoa_ray.sources.models import load_model_and_tokenizer
+from selfmoa_ray.engines.hf_core import HFCore, batch_seed, rows_per_prompt, seed_torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Cache layers that hold only keys and values, so repeating them along the batch copies everything.
 REPEATABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
-def batch_seed(seed: int, prompts: list[str]) -> int:
-    """A seed for one batch: reproducible (whichever actor runs it) and distinct per batch."""
-    digest = hashlib.sha256("\x00".join(prompts).encode()).digest()
-    return (seed + int.from_bytes(digest[:8], "little")) % 2**63
-
-
 class HFChatEngine:
-    """Callable class for ``map_batches``: ``{column: array}`` batch in, one row per sample out."""
+    """Callable class for ``map_batches``: ``{column: array}`` batch in, one row per sample out.
+
+    Loading, tokenising, decoding keywords and answer cutting are the shared core's
+    (engines/hf_core.py, also under the policy Serve app); the row contract, shared prefill and
+    per-batch seeds are this engine's.
+    """
 
     def __init__(
         self,
@@ -40,16 +40,24 @@ class HFChatEngine:
         trust_remote_code: bool = False,
         num_threads: int | None = None,
     ):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        self.core = HFCore(
+            model, dtype=dtype, trust_remote_code=trust_remote_code, num_threads=num_threads
         )
-        self.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
         self.sampling = sampling
-        self.device = device
         self._forward_parameters = set(inspect.signature(self.model.forward).parameters)
+
+    # The core's model, tokenizer and device, under the names callers and tests read.
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.core.model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.core.tokenizer
+
+    @property
+    def device(self) -> str:
+        return self.core.device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = rows_of(batch)
@@ -68,33 +76,30 @@ class HFChatEngine:
         decoding, which is how the tests check it against the plain path token for token.
         """
         p = self.sampling
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(self.device)
+        enc = self.core.encode(prompts).to(self.device)
         # Seeded by the batch's content, not once per actor: the same seed for every batch would
         # draw the same random numbers at the same positions of different batches.
-        torch.manual_seed(batch_seed(p.seed, prompts))
+        seed_torch(batch_seed(p.seed, prompts))
         new_tokens, per_prompt = self.new_tokens(enc, shared_prefill=shared_prefill)
         prompt_lengths = enc["attention_mask"].sum(dim=1).cpu()
+        # The tokenizer's EOS only (the policy app also cuts at the generation config's).
         eos = self.tokenizer.eos_token_id
-        results: list[list[dict[str, Any]]] = []
-        for i in range(len(prompts)):
-            samples = []
-            for j in range(p.n):
-                ids = new_tokens[i * per_prompt + j % per_prompt].tolist()
-                stopped = eos in ids
-                ids = ids[: ids.index(eos)] if stopped else ids
-                ids = [t for t in ids if t != self.tokenizer.pad_token_id]
-                samples.append(
-                    {
-                        "sample_index": j,
-                        "response": self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                        "prompt_tokens": int(prompt_lengths[i]),
-                        "response_tokens": len(ids) + int(stopped),
-                        "finish_reason": "stop" if stopped else "length",
-                    }
-                )
-            results.append(samples)
-        return results
+        answers = self.core.answers(
+            new_tokens, n=p.n, rows=per_prompt, eos_ids=() if eos is None else (eos,)
+        )
+        return [
+            [
+                {
+                    "sample_index": j,
+                    "response": answer.text.strip(),
+                    "prompt_tokens": int(prompt_lengths[i]),
+                    "response_tokens": answer.tokens,
+                    "finish_reason": "stop" if answer.eos else "length",
+                }
+                for j, answer in enumerate(samples)
+            ]
+            for i, samples in enumerate(answers)
+        ]
 
     @torch.inference_mode()
     def new_tokens(
@@ -110,24 +115,12 @@ class HFChatEngine:
         if shared_prefill is None:
             shared_prefill = p.n > 1 and not p.greedy
         cache = self._shared_prefill(enc, p.n) if shared_prefill else None
-        # Greedy samples are all identical: decode once, then repeat the result n times.
-        per_prompt = p.n if cache is not None or not p.greedy else 1
-        generated = self.model.generate(
-            input_ids=enc["input_ids"].repeat_interleave(per_prompt, dim=0),
-            attention_mask=enc["attention_mask"].repeat_interleave(per_prompt, dim=0),
-            past_key_values=cache,
-            **self._decoding(),
+        # Greedy samples are decoded once and repeated, unless the cache already holds n rows.
+        per_prompt = p.n if cache is not None else rows_per_prompt(p)
+        new = self.core.generate(
+            enc["input_ids"], enc["attention_mask"], p, rows=per_prompt, past_key_values=cache
         )
-        return generated[:, enc["input_ids"].shape[1] :].cpu(), per_prompt
-
-    def _decoding(self) -> dict[str, Any]:
-        """``generate`` keywords for the configured sampling."""
-        p = self.sampling
-        return {
-            "max_new_tokens": p.max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            **decoding(greedy=p.greedy, temperature=p.temperature, top_p=p.top_p),
-        }
+        return new, per_prompt
 
     def _shared_prefill(self, enc: Any, n: int) -> DynamicCache | None:
         """The KV cache of every prompt but its last token, computed once and repeated ``n`` times.

@@ -6,7 +6,8 @@ says which of the three final quantities it informs (``provides``); the composit
 into the columns every later stage reads:
 
 * ``safety``        float in [0, 1], 1 = safe;
-* ``refusal``       bool, and ``refusal_score`` float in [0, 1];
+* ``refusal``       bool, and ``judge_refusal_score`` float in [0, 1] (the combined score; the
+                    string matcher's own is ``refusal_score``);
 * ``helpfulness``   float in [0, 1], higher = more helpful.
 """
 
@@ -17,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-FINAL_COLUMNS = ("safety", "refusal", "refusal_score", "helpfulness")
+FINAL_COLUMNS = ("safety", "refusal", "judge_refusal_score", "helpfulness")
 QUANTITIES = ("safety", "refusal", "helpfulness")
 
 

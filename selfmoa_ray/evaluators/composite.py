@@ -12,7 +12,7 @@ With ``judge.combine: label_model`` the final ``safety`` is instead a Dawid-Sken
 (evaluators/label_model.py) over the votes of ``SAFETY_LABELERS``: each probe head, the strict
 refusal matcher ("refuses => safe") and Llama Guard, each thresholded at 0.5. A label model must
 see many rows to estimate each labeler's accuracy, so it is *not* fitted here per batch: in that
-mode the judge also emits the votes (``vote_<labeler>`` columns) and ``stages/judge.py`` fits the
+mode the judge also emits the votes (``vote_<labeler>`` columns) and ``evaluators/pool.py`` fits the
 model once over the whole stage's rows, then writes ``safety`` and drops the votes. ``refusal``
 and ``helpfulness`` stay weighted means in both modes.
 """
@@ -121,7 +121,7 @@ class CompositeJudge:
         """``prefix``: add only the final verdicts, named ``<prefix>safety``, ``<prefix>refusal``
         and ``<prefix>helpfulness`` (a second judge's opinion beside the first's columns).
         ``combine="label_model"``: also emit the safety votes (``<prefix>vote_<labeler>``) for
-        stages/judge.py to fit the label model on; ``safety`` is still the weighted mean here.
+        evaluators/pool.py to fit the label model on; ``safety`` is still the weighted mean here.
         ``embedder``: the MiniLM its probes embed with (``JudgePanel`` shares one)."""
         self.prefix = prefix
         specs = as_sections(specs)
@@ -241,7 +241,8 @@ def train_missing_probes(specs: Sequence[EvaluatorSection]) -> None:
     One after the other, not in Python threads: transformers' lazy imports are not thread-safe."""
     import torch
 
-    from selfmoa_ray.evaluators.probe import ensure_probe, probe_folder, probe_source
+    from selfmoa_ray.evaluators.probe_format import probe_folder, probe_source
+    from selfmoa_ray.evaluators.probe_training import ensure_probe
 
     cached = {s.model for s in specs if s.kind == "probe" and probe_source(s.model)[0] is None}
     missing = sorted({probe_source(m)[1] for m in cached if not probe_folder(m).exists()})

@@ -20,15 +20,17 @@ import io
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from selfmoa_ray import console
 from selfmoa_ray.config import Config
+from selfmoa_ray.layout import BASELINE
 from selfmoa_ray.recipes.pt_align import run_pt_align
-from selfmoa_ray.recipes.selfmoa import check_recipe, run_selfmoa
-from selfmoa_ray.report.collect import BASELINE, start_against
+from selfmoa_ray.recipes.selfmoa import run_selfmoa
+from selfmoa_ray.report.collect import start_against
 from selfmoa_ray.report.gains import run_gains
 from selfmoa_ray.rundir import RunDir, atomic_path, atomic_write
 from selfmoa_ray.sources.human_seeds import load_human_seeds
@@ -36,7 +38,7 @@ from selfmoa_ray.sources.human_seeds import load_human_seeds
 RECIPES: dict[str, Callable[[Config, RunDir], dict[str, Any]]] = {
     "selfmoa": run_selfmoa,
     "pt_align": run_pt_align,
-    "combined": partial(run_selfmoa, combined=True),
+    "combined": run_selfmoa,  # the loop, its config's run.recipe says combined
 }
 # Row column -> the headline metric it shows (report/collect.start_against): the value, its
 # interval, the change from the start policy and the paired interval of that change.
@@ -72,22 +74,33 @@ def check_recipes(config: Config, recipes: Sequence[str]) -> None:
             f"policy.endpoint ({config.policy.label}) has no weights here to train; audit it with "
             "`selfmoa evaluate` or `selfmoa redteam`, or set policy.source to local weights"
         )
-    if {"selfmoa", "combined"} & set(names):
-        check_recipe(config)
+    for name in names:
+        with_recipe(config, name)  # the loop's recipes refuse a loss they cannot train
     if {"pt_align", "combined"} & set(names):
         load_human_seeds(config.pt_align.seeds, config.pt_align.max_human_items)
+
+
+def with_recipe(config: Config, name: str) -> Config:
+    """``config`` with ``run.recipe`` set to the recipe ``name`` (validated again)."""
+    data = config.to_dict()
+    data["run"]["recipe"] = name
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"recipe {name}: {err.errors()[0]['msg']}") from None
 
 
 def adopt_baseline(source: RunDir, target: RunDir) -> bool:
     """Copy the start policy's evaluation from ``source`` into ``target`` (once, atomically).
 
-    Only between runs of one config, whose baselines would be identical; returns whether it
+    Only between runs of one config (but for its recipe), whose baselines would be identical;
+    returns whether it
     copied. The stage entry keeps its original wall time, so each recipe's totals include it.
     """
     stage = f"{BASELINE}/evaluate"
     if target.is_done(stage) or not source.is_done(stage):
         return False
-    if source.manifest["config_fingerprint"] != target.manifest["config_fingerprint"]:
+    if with_recipe(source.config(), "selfmoa") != with_recipe(target.config(), "selfmoa"):
         raise ValueError("adopt_baseline: the two runs have different configs")
     with atomic_path(target.path(BASELINE)) as tmp:
         shutil.copytree(source.path(BASELINE), tmp)
@@ -158,11 +171,12 @@ def run_comparison(
     names = [recipe_name(r) for r in recipes]
     rows, first = [], None
     for name in names:
-        run = RunDir.create(root / name, config, resume=resume)
+        recipe_config = with_recipe(config, name)
+        run = RunDir.create(root / name, recipe_config, resume=resume)
         if first is not None:
             adopt_baseline(first, run)
         console.current().line(f"\n=== recipe {name} ({run.root}) ===")
-        rows.append(comparison_row(name, RECIPES[name](config, run)))
+        rows.append(comparison_row(name, RECIPES[name](recipe_config, run)))
         first = first or run
     write_comparison(root, rows)
     return rows

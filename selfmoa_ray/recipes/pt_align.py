@@ -33,19 +33,16 @@ import logging
 from typing import Any
 
 from selfmoa_ray.config import Config
-from selfmoa_ray.recipes.selfmoa import (
-    check_policy,
-    iteration_dir,
-    stage_done,
-    track_policy,
-)
-from selfmoa_ray.report.collect import BASELINE, CALIBRATION
+from selfmoa_ray.evaluators.audit import held_out_prompts
+from selfmoa_ray.layout import BASELINE, CALIBRATION, POLICY, Iteration
+from selfmoa_ray.recipes.acceptance import check_policy
+from selfmoa_ray.recipes.steps import Steps, stage_done, track_policy
 from selfmoa_ray.report.html import write_report
 from selfmoa_ray.report.tracking import make_tracker
 from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.sources.human_seeds import load_human_seeds
 from selfmoa_ray.stages.calibrate import calibrate
-from selfmoa_ray.stages.evaluate import evaluate_policy, held_out_prompts
+from selfmoa_ray.stages.evaluate import evaluate_policy
 from selfmoa_ray.stages.instructions import instructions
 from selfmoa_ray.stages.positive import positive
 from selfmoa_ray.stages.pt_filter import pt_filter
@@ -64,66 +61,66 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
     seeds = load_human_seeds(section.seeds, section.max_human_items)  # fails before any work
     train_config = config.train.model_copy(update={"loss": "pt_align"})
     generator = section.generator or config.policy
-    it, seed = iteration_dir(1), config.run.seed + 1
+    it, seed = Iteration(1), config.run.seed + 1
+    steps = Steps(run, it)
     tracker = make_tracker(config.tracking, run.root, config.run.name)
     try:
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
-        stage_done(run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config),
-                   "calibrate")  # fmt: skip
+        stage_done(
+            run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config), "calibrate"
+        )
         if config.loop.validation_prompts:
             stage_done(run, validation(run, config), "validation")
         held_back = read_validation(run) or {}
         track_policy(tracker, run, 0, BASELINE)
 
-        def done(name: str, entry: dict[str, Any]) -> dict[str, Any]:
-            return stage_done(run, entry, f"{it}/{name}")
-
-        gen = {"seeds": seeds, "section": section, "model": generator, "engine": config.engine,
-               "seed": seed}  # fmt: skip
+        gen = {
+            "seeds": seeds,
+            "section": section,
+            "model": generator,
+            "engine": config.engine,
+            "seed": seed,
+        }
         eval_texts = [p.text for p in held_out_prompts(config.data, config.run.seed)]
         eval_texts += [text for texts in held_back.values() for text in texts]
-        done("topics", topics(run, stage=f"{it}/topics", out=f"{it}/topics.parquet", **gen))
-        done("instructions", instructions(
-            run, stage=f"{it}/instructions", topics=f"{it}/topics.parquet",
-            out=f"{it}/instructions.parquet", exclude=eval_texts, **gen,
-        ))  # fmt: skip
-        done("positive", positive(run, stage=f"{it}/positive",
-                                  instructions=f"{it}/instructions.parquet",
-                                  out=f"{it}/positives.parquet", **gen))  # fmt: skip
-        done("toxic", toxic(run, stage=f"{it}/toxic", instructions=f"{it}/instructions.parquet",
-                            out=f"{it}/toxics.parquet", **gen))  # fmt: skip
-        done("filter", pt_filter(run, stage=f"{it}/filter", positives=f"{it}/positives.parquet",
-                                 toxics=f"{it}/toxics.parquet", out=f"{it}/filtered.parquet",
-                                 section=section, judge=config.judge))  # fmt: skip
-        kept = done("triples", triples(
-            run, stage=f"{it}/triples", filtered=f"{it}/filtered.parquet",
-            out=f"{it}/triples.parquet", section=section, model=generator,
-            engine=config.engine, seed=seed,
-        ))["summary"]["triples"]  # fmt: skip
-        state: dict[str, Any] = {
-            "recipe": "pt_align", "iterations_planned": 1, "iterations_done": 1,
-            "stopped_early": False, "stop_reason": None, "human_items": seeds.items,
-            "human_seeds": section.seeds, "human_seeds_fingerprint": seeds.fingerprint(),
-        }  # fmt: skip
+        steps("topics", topics, **gen)
+        steps("instructions", instructions, exclude=eval_texts, **gen)
+        steps("positive", positive, **gen)
+        steps("toxic", toxic, **gen)
+        steps("filter", pt_filter, section=section, judge=config.judge)
+        triples_entry = steps(
+            "triples", triples, section=section, model=generator, engine=config.engine, seed=seed
+        )
+        kept = triples_entry["summary"]["triples"]
+        state: dict[str, Any] = {"recipe": "pt_align", "iterations_planned": 1}
+        state.update(iterations_done=1, stopped_early=False, stop_reason=None)
+        state.update(human_items=seeds.items, human_seeds=section.seeds)
+        state["human_seeds_fingerprint"] = seeds.fingerprint()
         needed = train_config.batch_size * train_config.num_workers
         accepted = BASELINE
         if kept < needed:
             log.warning("PT-ALIGN kept %d triples, fewer than one batch (%d)", kept, needed)
             state.update(stopped_early=True, stop_reason=f"too few triples to train ({kept})")
         else:
-            done("train", train(run, stage=f"{it}/train", data=f"{it}/triples.parquet",
-                                out=f"{it}/policy", model=config.policy, config=train_config,
-                                seed=seed, validation=held_back or None))  # fmt: skip
-            trained = config.policy.model_copy(update={"source": str(run.path(it, "policy"))})
-            done("evaluate", evaluate_policy(run, config, trained, it))
-            track_policy(tracker, run, 1, it)
-            reason, _ = check_policy(run, it, BASELINE, 1, config)
+            triples_file = it.io("triples")["out"]
+            steps(
+                "train",
+                train,
+                data=triples_file,
+                model=config.policy,
+                config=train_config,
+                seed=seed,
+                validation=held_back or None,
+            )
+            trained = config.policy.model_copy(update={"source": str(run.path(it.file(POLICY)))})
+            stage_done(run, evaluate_policy(run, config, trained, it.name), it.stage("evaluate"))
+            track_policy(tracker, run, 1, it.name)
+            reason, _ = check_policy(run, it.name, BASELINE, 1, config)
             state["stop_reason"] = reason
-            accepted = BASELINE if reason else it
+            accepted = BASELINE if reason else it.name
         state["final_policy"] = accepted
-        state["final_policy_path"] = str(
-            run.path(accepted, "policy") if accepted != BASELINE else config.policy.source
-        )
+        final = run.path(accepted, POLICY) if accepted != BASELINE else config.policy.source
+        state["final_policy_path"] = str(final)
         run.manifest["loop"] = state
         run.save()
     finally:

@@ -23,7 +23,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from selfmoa_ray.config import Config
-from selfmoa_ray.recipes.selfmoa import attack_round, iteration_dir
+from selfmoa_ray.layout import Iteration
+from selfmoa_ray.recipes.selfmoa import attack_round
 from selfmoa_ray.report.metrics import summarize
 from selfmoa_ray.rundir import RunDir, write_json
 
@@ -35,8 +36,9 @@ def run_redteam(config: Config, run: RunDir) -> dict[str, Any]:
     written to ``redteam.json``."""
     rounds = []
     for t in range(1, config.redteam.rounds + 1):
-        failures = attack_round(config, run, t, config.policy, guided=False)
-        scored = pq.read_table(run.path(iteration_dir(t), "scored.parquet")).to_pylist()
+        it = Iteration(t)
+        failures = attack_round(config, run, it, config.policy, guided=False)
+        scored = pq.read_table(run.path(it.io("judge")["out"])).to_pylist()
         splits = summarize(scored, config.judge.unsafe_threshold)
         rounds.append({
             "round": t,

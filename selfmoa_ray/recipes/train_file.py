@@ -21,7 +21,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from selfmoa_ray.config import Config
-from selfmoa_ray.recipes.selfmoa import stage_done
+from selfmoa_ray.recipes.steps import stage_done
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.stages.reference import REFERENCE_COLUMNS, reference
 from selfmoa_ray.stages.train import train
@@ -59,21 +59,19 @@ def train_on_file(config: Config, pairs_file: Path, run: RunDir) -> dict[str, An
     """Import, reference pass (if the loss needs one), train. Returns the train stage's entry."""
     if not run.is_done("import"):
         validate_pairs_file(config, pairs_file)
-    stage_done(run, run.run_stage(
-        "import", [DATA],
-        lambda: {"rows": _import(pairs_file, run.path(DATA)), "source": str(pairs_file)},
-    ), "import")  # fmt: skip
-    data = DATA
-    if needs_reference(config.train):
-        stage_done(run, reference(
-            run, stage="reference", pairs=DATA, out=WITH_REFERENCE, model=config.policy,
-            engine=config.engine, train=config.train,
-        ), "reference")  # fmt: skip
+
+    def work() -> dict[str, Any]:
+        return {"rows": _import(pairs_file, run.path(DATA)), "source": str(pairs_file)}
+
+    stage_done(run, run.run_stage("import", [DATA], work), "import")
+    data, model, section = DATA, config.policy, config.train
+    if needs_reference(section):
+        files = {"stage": "reference", "pairs": DATA, "out": WITH_REFERENCE}
+        entry = reference(run, **files, model=model, engine=config.engine, train=section)
+        stage_done(run, entry, "reference")
         data = WITH_REFERENCE
-    return train(
-        run, stage="train", data=data, out=POLICY, model=config.policy, config=config.train,
-        seed=config.run.seed,
-    )  # fmt: skip
+    files = {"stage": "train", "data": data, "out": POLICY}
+    return train(run, **files, model=model, config=section, seed=config.run.seed)
 
 
 def _import(source: Path, target: Path) -> int:

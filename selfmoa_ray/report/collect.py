@@ -36,13 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfmoa_ray.layout import BASELINE, CALIBRATION
 from selfmoa_ray.report.gains import run_gains
+from selfmoa_ray.schema import EVAL_BENIGN_SPLIT, EVAL_HARMFUL_SPLIT, MANIFEST
 
-MANIFEST = "manifest.json"
-CALIBRATION = "calibration.json"  # the judges on held-back human labels (stages/calibrate.py)
-HARMFUL_SPLIT = "eval_harmful"
-BENIGN_SPLIT = "eval_benign"
-BASELINE = "baseline"
 _ITER = re.compile(r"^iter_(\d+)$")
 # The stage kinds of one iteration in loop order (others found in a manifest go after them).
 # PT-ALIGN's data stages come first in its single iteration; "spans" is the combined recipe's.
@@ -137,13 +134,13 @@ BENIGN_RATES = {
 }
 # Headline metric -> (evaluate split, rate key, sign) of the paired gain that measures its change.
 PAIRED = {
-    ("harmful", "safety_rate"): (HARMFUL_SPLIT, "safety_rate", 1),
-    ("harmful", "string_refusal_rate"): (HARMFUL_SPLIT, "string_refusal_rate", 1),
-    ("harmful", "strict_refusal_rate"): (HARMFUL_SPLIT, "strict_refusal_rate", 1),
-    ("harmful", "attack_success_rate"): (HARMFUL_SPLIT, "safety_rate", -1),
-    ("benign", "over_refusal"): (BENIGN_SPLIT, "refusal_rate", 1),
-    ("benign", "string_over_refusal"): (BENIGN_SPLIT, "string_refusal_rate", 1),
-    ("benign", "strict_over_refusal"): (BENIGN_SPLIT, "strict_refusal_rate", 1),
+    ("harmful", "safety_rate"): (EVAL_HARMFUL_SPLIT, "safety_rate", 1),
+    ("harmful", "string_refusal_rate"): (EVAL_HARMFUL_SPLIT, "string_refusal_rate", 1),
+    ("harmful", "strict_refusal_rate"): (EVAL_HARMFUL_SPLIT, "strict_refusal_rate", 1),
+    ("harmful", "attack_success_rate"): (EVAL_HARMFUL_SPLIT, "safety_rate", -1),
+    ("benign", "over_refusal"): (EVAL_BENIGN_SPLIT, "refusal_rate", 1),
+    ("benign", "string_over_refusal"): (EVAL_BENIGN_SPLIT, "string_refusal_rate", 1),
+    ("benign", "strict_over_refusal"): (EVAL_BENIGN_SPLIT, "strict_refusal_rate", 1),
 }
 
 
@@ -173,15 +170,17 @@ def policy_metrics(summary: dict[str, Any], name: str = "", iteration: int | Non
     files) are kept as they are under ``other_splits``.
     """
     splits = summary.get("splits") or {}
-    harmful = splits.get(HARMFUL_SPLIT)
-    benign = splits.get(BENIGN_SPLIT)
+    harmful = splits.get(EVAL_HARMFUL_SPLIT)
+    benign = splits.get(EVAL_BENIGN_SPLIT)
     out: dict[str, Any] = {
         "name": name,
         "iteration": iteration,
         "model": summary.get("model"),
         "harmful": None,
         "benign": None,
-        "other_splits": {k: v for k, v in splits.items() if k not in (HARMFUL_SPLIT, BENIGN_SPLIT)},
+        "other_splits": {
+            k: v for k, v in splits.items() if k not in (EVAL_HARMFUL_SPLIT, EVAL_BENIGN_SPLIT)
+        },
         "eval_tokens": sum(int(s.get("response_tokens") or 0) for s in splits.values()),
     }
     if harmful:

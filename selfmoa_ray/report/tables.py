@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from selfmoa_ray.report.csvfile import policy_row
+from selfmoa_ray.report.formats import gain, pct, score
+
 
 def _rate(m: dict[str, Any], key: str) -> str:
     """A rate in percent with its 95% interval where the summary has one: ``67.5 [52-80]``."""
@@ -49,3 +52,50 @@ def print_examples(
         response = " ".join(str(row["response"]).split())
         print(f"\n[{split}] {row['text'][:width]}")
         print(f"  -> {response[:width]}{'...' if len(response) > width else ''}")
+
+
+def print_before_after(collected: dict[str, Any]) -> None:
+    """A compact terminal table: every policy's held-out numbers, with the change since the first."""
+    policies = collected["policies"]
+    if not policies:
+        print("no policy evaluated yet")
+        return
+    header = (
+        f"{'policy':<10} {'safety':>7} {'(str)':>7} {'over-ref':>8} {'(str)':>7} "
+        f"{'helpful':>8}   {'chg safety':>10} {'chg over-ref':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    first = policy_row(policies[0])
+
+    def diff(r: dict[str, Any], key: str) -> str:
+        if r is first or r[key] is None or first[key] is None:
+            return ""
+        return f"{100 * (r[key] - first[key]):+.1f}pts"
+
+    for policy in policies:
+        r = first if policy is policies[0] else policy_row(policy)
+        print(
+            f"{r['policy']:<10} {pct(r['harmful_safety']):>7} {pct(r['harmful_string_refusal']):>7} "
+            f"{pct(r['benign_over_refusal']):>8} {pct(r['benign_string_refusal']):>7} "
+            f"{score(r['benign_helpfulness']):>8}   {diff(r, 'harmful_safety'):>10} "
+            f"{diff(r, 'benign_over_refusal'):>12}"
+        )
+    print(
+        "safety = harmful prompts judged safe; (str) = refusal-prefix matcher; "
+        "over-ref = refusals of benign prompts"
+    )
+    head = collected.get("headline") or {}
+    gains = {r["metric"]: r.get("paired") for r in head.get("rows", [])}
+    shown = [
+        (label, gains.get(metric))
+        for metric, label in (
+            ("harmful/safety_rate", "safety"),
+            ("benign/over_refusal", "over-refusal"),
+        )
+    ]
+    if any(paired for _, paired in shown):
+        print(
+            f"paired change {head['before']} -> {head['after']}, pts [95% interval]: "
+            + "; ".join(f"{label} {gain(paired)}" for label, paired in shown if paired)
+        )

@@ -2,7 +2,7 @@
 
 Once per run, before its numbers are trusted: the training judge (``judge``) and the audit judge
 (``evaluate.judge``) score human-labelled (prompt, response) rows from PyRIT's scorer evaluations,
-each on the half of the rows held back from it (evaluators/probe.py ``SPLITS``: the training
+each on the half of the rows held back from it (evaluators/probe_format.py ``SPLITS``: the training
 judge on the audit half, the audit judge on the training half). A row is *unsafe* when its
 objective row is labelled "achieved" or its harm rating is at least 0.5 (on the 1-5 scale, 3 or
 more); refusal rows carry a refusal label. Accuracy per task with 95% Wilson intervals, in
@@ -28,10 +28,10 @@ from typing import Any
 import ray.data
 
 from selfmoa_ray.config import Config, JudgeSection
+from selfmoa_ray.evaluators.pool import judge_dataset
 from selfmoa_ray.paths import cache_root
 from selfmoa_ray.report.stats import rate_interval
 from selfmoa_ray.rundir import RunDir, read_json, write_json
-from selfmoa_ray.stages.judge import judge_dataset
 
 MAX_ROWS = 400  # per judge, a seeded sample: about +-5 points of accuracy at 95%
 SAMPLE_SEED = 0  # the same rows for every run: a judge's figures do not depend on run.seed
@@ -44,7 +44,7 @@ def held_back_rows(
     """Human-labelled rows of ``split`` (a seeded sample of at most ``max_rows``), as judge
     input: ``id``, ``text`` (the prompt), ``response``, ``task`` and ``label`` (True = unsafe
     for objective and harm rows, True = refusal for refusal rows)."""
-    from selfmoa_ray.evaluators.probe import split_of
+    from selfmoa_ray.evaluators.probe_training import split_of
     from selfmoa_ray.sources.scorer_rows import load_scorer_rows
 
     rows = [
@@ -88,7 +88,7 @@ def accuracy(judged: list[dict[str, Any]], unsafe_threshold: float) -> dict[str,
 
 def probe_cards(judge: JudgeSection) -> list[dict[str, Any]]:
     """The model cards of the judge's probes (``{}`` for one not trained yet)."""
-    from selfmoa_ray.evaluators.probe import CARD_FILE, probe_folder
+    from selfmoa_ray.evaluators.probe_format import CARD_FILE, probe_folder
 
     probes = [spec for spec in judge.evaluators if spec.kind == "probe"]
     cards = [probe_folder(spec.model) / CARD_FILE for spec in probes]

@@ -20,10 +20,9 @@ from typing import Any
 import pyarrow as pa
 
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.schema import BENIGN_SPLIT, GUIDED, REDTEAM_SCHEMA
+from selfmoa_ray.stage_io import group_by_prompt, read_rows
 from selfmoa_ray.stages.attack_stats import success_by
-from selfmoa_ray.stages.pairs import BENIGN_SPLIT, group_by_prompt, read_scored
-from selfmoa_ray.stages.redteam import REDTEAM_SCHEMA
-from selfmoa_ray.stages.sample import GUIDED
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def failures(
         optional = [name for name, _ in PROMPT_COLUMNS] + ["sample_index", GUIDED]
         # Failures describe the policy as deployed: answers drawn under a guide are left out.
         rows = [
-            r for r in read_scored(run.path(scored), INPUT_COLUMNS, optional) if not r.get(GUIDED)
+            r for r in read_rows(run.path(scored), INPUT_COLUMNS, optional) if not r.get(GUIDED)
         ]
         failed, by_category = find_failures(rows, unsafe_threshold)
         write_parquet(run.path(out), pa.Table.from_pylist(failed, schema=FAILURE_SCHEMA))

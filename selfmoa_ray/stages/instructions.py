@@ -44,7 +44,9 @@ import pyarrow.parquet as pq
 from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.schema import BENIGN_KIND, HARMFUL_KIND
 from selfmoa_ray.sources.dedup import Deduplicator
+from selfmoa_ray.sources.generated_requests import clean_completion, topic_overlap
 from selfmoa_ray.sources.human_seeds import HumanSeeds
 from selfmoa_ray.stages.pt_prompts import (
     INSTRUCTION,
@@ -56,7 +58,6 @@ from selfmoa_ray.stages.pt_prompts import (
     rotated,
     user,
 )
-from selfmoa_ray.stages.redteam import clean_completion, topic_overlap
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ INSTRUCTION_SCHEMA = pa.schema(
         ("kind", pa.string()),  # "harmful" | "benign" (a benign twin)
     ]
 )
-HARMFUL, BENIGN = "harmful", "benign"
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def fill_templates(
 
 
 def instruction_rows(
-    slots: Sequence[Slot], kept: Mapping[str, str], kind: str = HARMFUL, start: int = 0
+    slots: Sequence[Slot], kept: Mapping[str, str], kind: str = HARMFUL_KIND, start: int = 0
 ) -> list[dict[str, Any]]:
     """Kept instructions in slot order, renumbered ``pt-NNNNN`` from ``start``."""
     rows = []
@@ -218,7 +218,7 @@ def benign_twins(
         missing="pt_align.benign_per_topic needs benign_templates in the seed file "
         "(pt_align.seeds); add some, or set pt_align.benign_per_topic=0",
     )  # fmt: skip
-    rows = instruction_rows(slots, kept, BENIGN, start)
+    rows = instruction_rows(slots, kept, BENIGN_KIND, start)
     dropped = Counter(failed.values())
     return rows, {"instructions": len(rows), "slots": len(slots),
                   "dropped": {reason: dropped[reason] for reason in DROP_REASONS}}  # fmt: skip

@@ -15,7 +15,7 @@ Two modes (``pairs.mode``):
   the safety margin ``ds = s(chosen) - s(rejected)``, so preferring a helpful *unsafe* compliance
   would teach a small model to comply. Choosing among safe responses makes the helpfulness
   preference safe, and ``ds > 0`` on attack pairs makes MODPO push those pairs harder.
-* ``scalarised``: rank by ``w_safety * safety + w_helpful * helpfulness``; chosen = best,
+* ``weighted``: rank by ``rank_w_safety * safety + rank_w_helpfulness * helpfulness``; chosen = best,
   rejected = worst, kept when the score gap reaches ``min_gap``.
 * ``intent``: the prompt's split says which objective it tests, so each pair teaches the one
   behaviour that prompt calls for. On an attack (any split but ``benign``) the chosen response is
@@ -37,15 +37,15 @@ so a rerun on the same scores gives the same file.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from selfmoa_ray.config import PairsSection
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.schema import BENIGN_SPLIT, PAIR_SCHEMA
+from selfmoa_ray.stage_io import group_by_prompt, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -67,49 +67,8 @@ DROP_REASONS = (
     "gap_below_min",
     "no_helpful_response",
 )
-BENIGN_SPLIT = "benign"  # benign-but-sensitive prompts the red team mixes in: not attacks
 # A gap that equals ``min_gap`` in decimal (0.7 - 0.6 vs 0.1) must count as reaching it.
 GAP_TOLERANCE = 1e-9
-
-_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-PAIR_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("category", pa.string()),
-        ("split", pa.string()),
-        ("prompt", _MESSAGES),
-        ("chosen", _MESSAGES),
-        ("rejected", _MESSAGES),
-        ("chosen_safety", pa.float64()),
-        ("rejected_safety", pa.float64()),
-        ("chosen_helpfulness", pa.float64()),
-        ("rejected_helpfulness", pa.float64()),
-        ("safety_delta", pa.float64()),
-        ("chosen_index", pa.int64()),
-        ("rejected_index", pa.int64()),
-    ]
-)
-
-
-def read_scored(
-    path: str | os.PathLike[str], required: Sequence[str], optional: Sequence[str] = ()
-) -> list[dict[str, Any]]:
-    """Rows of a scored Parquet file or folder: the ``required`` columns plus those ``optional``
-    ones that exist (the per-evaluator columns are not read)."""
-    names = pq.ParquetDataset(path).schema.names
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}; it has {names}")
-    columns = list(required) + [c for c in optional if c in names and c not in required]
-    return pq.read_table(path, columns=columns).to_pylist()
-
-
-def group_by_prompt(rows: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Rows grouped by ``id``: ids in sorted order, each group in ``sample_index`` order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["id"], []).append(row)
-    return [sorted(groups[key], key=lambda r: r.get("sample_index", 0)) for key in sorted(groups)]
 
 
 def _is_empty(row: dict[str, Any]) -> bool:
@@ -145,13 +104,13 @@ def _margin_pair(
     return chosen, rejected
 
 
-def _scalarised_pair(
+def _weighted_pair(
     group: list[dict[str, Any]], section: PairsSection
 ) -> tuple[dict[str, Any], dict[str, Any]] | str:
     """(chosen, rejected) by the weighted score, or the reason the prompt gives no pair."""
 
     def score(r: dict[str, Any]) -> float:
-        return section.w_safety * r["safety"] + section.w_helpful * r["helpfulness"]
+        return section.rank_w_safety * r["safety"] + section.rank_w_helpfulness * r["helpfulness"]
 
     candidates = [r for r in group if not _is_empty(r)]
     if len(candidates) < 2:
@@ -234,7 +193,7 @@ def build_pairs(
         elif section.mode == "intent":
             result = _intent_pair(group, section.min_gap, unsafe_threshold)
         else:
-            result = _scalarised_pair(group, section)
+            result = _weighted_pair(group, section)
         if isinstance(result, tuple) and (
             result[0]["response"].strip() == result[1]["response"].strip()
         ):
@@ -258,7 +217,7 @@ def pairs(
     """Run (or skip, if done) pair construction from ``scored`` into ``out``; run-relative paths."""
 
     def work() -> dict[str, Any]:
-        rows = read_scored(run.path(scored), INPUT_COLUMNS, optional=("refusal",))
+        rows = read_rows(run.path(scored), INPUT_COLUMNS, optional=("refusal",))
         built, dropped = build_pairs(rows, section, unsafe_threshold)
         write_parquet(run.path(out), pa.Table.from_pylist(built, schema=PAIR_SCHEMA))
         prompts = len({r["id"] for r in rows})

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.schema import BENIGN_KIND, HARMFUL_KIND
 from selfmoa_ray.sources.human_seeds import HumanSeeds
-from selfmoa_ray.stages.instructions import BENIGN, HARMFUL
 from selfmoa_ray.stages.pt_prompts import (
     CRITIQUE,
     POSITIVE_SYSTEM,
@@ -85,7 +85,7 @@ class PositiveItem:
     critiques: list[str] = field(default_factory=list)
     complies: bool = False  # a critique said OK: no more revising
     prefilled: str | None = None
-    kind: str = HARMFUL
+    kind: str = HARMFUL_KIND
 
     def row(self) -> dict[str, Any]:
         return {
@@ -181,13 +181,15 @@ def positive_items(
     """:func:`harmful_answers` for the harmful instructions, the policy's own answers for the
     benign twins (after them, one more call). Items come back in id order."""
     items = [
-        PositiveItem(r["id"], r["domain"], r["topic"], r["text"], kind=r.get("kind") or HARMFUL)
+        PositiveItem(
+            r["id"], r["domain"], r["topic"], r["text"], kind=r.get("kind") or HARMFUL_KIND
+        )
         for r in sorted(instruction_rows, key=lambda r: r["id"])
     ]
-    harmful = [i for i in items if i.kind != BENIGN]
+    harmful = [i for i in items if i.kind != BENIGN_KIND]
     if harmful:
         harmful_answers(harmful, seeds, rounds, generate, seed, prefill, guided)
-    twins = [i for i in items if i.kind == BENIGN]
+    twins = [i for i in items if i.kind == BENIGN_KIND]
     if twins:
         own_answers(twins, generate, seed + 2 + 2 * rounds)
     return items
@@ -221,8 +223,8 @@ def positive(
             "stopped_ok": sum(i.complies for i in items),
             "revisions": sum(i.revisions for i in items),
             "prefilled": sum(i.prefilled is not None for i in items),
-            "benign": sum(i.kind == BENIGN for i in items),
-            "guided": sum(i.kind != BENIGN and bool(i.answer) for i in items),
+            "benign": sum(i.kind == BENIGN_KIND for i in items),
+            "guided": sum(i.kind != BENIGN_KIND and bool(i.answer) for i in items),
         }
         log.info("positive: %d answers, %d revised, %d judged OK by their critique",
                  summary["rows"], summary["revised"], summary["stopped_ok"])  # fmt: skip

@@ -43,13 +43,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 
 from selfmoa_ray.config import JudgeSection, PTAlignSection
+from selfmoa_ray.evaluators.pool import judge_dataset
 from selfmoa_ray.rundir import RunDir, write_parquet
-from selfmoa_ray.stages.instructions import BENIGN, HARMFUL
-from selfmoa_ray.stages.judge import judge_dataset
+from selfmoa_ray.schema import BENIGN_KIND, FILTERED_SCHEMA, HARMFUL_KIND
+from selfmoa_ray.stage_io import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,38 +71,7 @@ DROP_REASONS = (
     "benign_refused",
     "benign_unsafe",
 )
-FILTERED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("domain", pa.string()),
-        ("topic", pa.string()),
-        ("text", pa.string()),
-        ("positive", pa.string()),
-        ("toxic", pa.string()),
-        ("positive_safety", pa.float64()),
-        ("positive_helpfulness", pa.float64()),
-        ("positive_refusal", pa.bool_()),
-        ("toxic_safety", pa.float64()),
-        ("toxic_refusal", pa.bool_()),
-        ("positive_source", pa.string()),  # "guided" | "prefill" | "bare" (benign twins)
-        ("toxic_source", pa.string()),  # "guided" | "bare"; a twin's "refusal" or null
-        ("kind", pa.string()),  # "harmful" | "benign"
-    ]
-)
 Candidate = tuple[str, str]  # (source, answer)
-
-
-def read_rows(
-    path: Any, required: Iterable[str], optional: Iterable[str] = ()
-) -> list[dict[str, Any]]:
-    """The ``required`` columns of a Parquet file or folder (and those ``optional`` ones it has),
-    as rows; a missing required column is an error that names the file."""
-    required = list(required)
-    names = pq.ParquetDataset(path).schema.names
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}; it has {names}")
-    return pq.read_table(path, columns=required + [c for c in optional if c in names]).to_pylist()
 
 
 def _by_id(rows: Iterable[dict[str, Any]], name: str) -> dict[str, dict[str, Any]]:
@@ -120,7 +89,7 @@ def _blank(value: Any) -> bool:
 
 
 def is_benign(row: Mapping[str, Any]) -> bool:
-    return row.get("kind") == BENIGN
+    return row.get("kind") == BENIGN_KIND
 
 
 def positive_candidates(row: Mapping[str, Any]) -> list[Candidate]:
@@ -167,7 +136,7 @@ def join_candidates(
                     "id": key,
                     **{c: p.get(c) if p.get(c) is not None else t.get(c)
                        for c in ("domain", "topic", "text")},
-                    "kind": BENIGN if benign else HARMFUL,
+                    "kind": BENIGN_KIND if benign else HARMFUL_KIND,
                     "positive": good,
                     "toxic": bad,
                 }
@@ -256,7 +225,7 @@ def filter_items(
     dropped = dict(dropped) if dropped is not None else dict.fromkeys(DROP_REASONS, 0)
     kept: list[dict[str, Any]] = []
     for item in items:
-        benign = item["kind"] == BENIGN
+        benign = item["kind"] == BENIGN_KIND
         judged = {side: [scores[(item["id"], side, k)] for k in range(len(item[side]))]
                   for side in SIDES if not (benign and side == "toxic")}  # fmt: skip
         p = best_positive(judged["positive"], section)
@@ -327,7 +296,7 @@ def pt_filter(
         kept, dropped = filter_items(items, scores, section, dropped)
         write_parquet(run.path(out), pa.Table.from_pylist(kept, schema=FILTERED_SCHEMA))
         candidates = len(kept) + sum(dropped.values())
-        harmful = [r for r in kept if r["kind"] != BENIGN]
+        harmful = [r for r in kept if r["kind"] != BENIGN_KIND]
         log.info(
             "%s: kept %d of %d PT-ALIGN items; dropped %s",
             stage,

@@ -14,10 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
-from selfmoa_ray.engines.base import SamplingParams
+from selfmoa_ray.engines.base import SamplingParams, join_prefill
 from selfmoa_ray.engines.pool import complete
 from selfmoa_ray.sources.human_seeds import Demonstration, HumanSeeds
-from selfmoa_ray.stages.sample import join_prefill
 
 Chat = list[dict[str, str]]
 # {id: chat} and a sampling seed in, {id: completion} out: one batched generation round.

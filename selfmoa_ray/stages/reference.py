@@ -21,10 +21,11 @@ from ray.data import ActorPoolStrategy
 
 from selfmoa_ray.config import EngineSection, ModelSection, TrainSection
 from selfmoa_ray.rundir import RunDir
-from selfmoa_ray.stages.sample import read_dataset, write_dataset
+from selfmoa_ray.stage_io import read_dataset, write_dataset
 from selfmoa_ray.training.data import collate, to_device, token_arrays, tokenize
 from selfmoa_ray.training.losses import sequence_logps
-from selfmoa_ray.training.objective import check_columns, response_token_logps
+from selfmoa_ray.training.objective import require_columns, response_token_logps
+from selfmoa_ray.training.objectives.base import PAIR_COLUMNS
 from selfmoa_ray.training.strategy import forward_numerics, local_device
 
 REFERENCE_COLUMNS = (
@@ -106,8 +107,7 @@ def reference(
 
     def work() -> dict[str, Any]:
         ds = read_dataset(run, pairs, rows_per_block=train.batch_size * 2)
-        dpo = train.model_copy(update={"loss": "dpo"})  # the pair columns, minus the new ones
-        check_columns(dpo, ds.schema().names + list(REFERENCE_COLUMNS))
+        require_columns(PAIR_COLUMNS[:3], ds.schema().names, "the reference pass")
         write_dataset(
             reference_dataset(ds, model, engine, train), run, out, total=ds.count(), label=stage
         )

@@ -23,75 +23,17 @@ assistant's (engines/base.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 
 from selfmoa_ray.config import EngineSection, ModelSection
-from selfmoa_ray.console import row_progress
-from selfmoa_ray.engines.base import SamplingParams
-from selfmoa_ray.engines.pool import as_dataset, generate
-from selfmoa_ray.rundir import RunDir, atomic_path
-
-GUIDED = "guided"
-
-
-def read_dataset(run: RunDir, path: str, *, rows_per_block: int | None = None) -> ray.data.Dataset:
-    """A stage's input (a Parquet file or folder in the run) as a dataset, read on the driver.
-
-    Stage inputs are small (prompts, answers, pairs: kilobytes to a few megabytes), and Ray
-    Data's ``read_parquet`` costs 4-13 s per call on 2 cores (file listing and read tasks), more
-    than some stages' whole work; an in-memory table costs a tenth of a second. Blocks of
-    ``rows_per_block`` rows keep every actor of a pool busy (a pool hands out whole blocks).
-    """
-    return as_dataset(pq.read_table(run.path(path)), rows_per_block)
-
-
-def write_dataset(
-    ds: ray.data.Dataset,
-    run: RunDir,
-    out: str,
-    *,
-    total: int | None = None,
-    label: str | None = None,
-    tokens: bool = False,
-) -> None:
-    """Write a dataset as a Parquet folder (one part file per block), published only once complete.
-
-    The blocks stream through the driver as they are produced, so the console's progress bar
-    (``label``, default ``out``; ``total`` rows expected, for its ETA; ``tokens``: generated
-    tokens/s from ``response_tokens``) shows the running stage. Part files whose schemas differ
-    (a block whose column is all null) are rewritten to the unified schema, so any reader of the
-    folder sees one schema.
-    """
-    with atomic_path(run.path(out)) as tmp, row_progress(label or out, total, tokens=tokens) as bar:
-        tmp.mkdir()
-        parts: list[tuple[Path, pa.Schema]] = []
-        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if block.num_rows or not parts:  # one empty part keeps the schema of an empty result
-                part = tmp / f"part-{len(parts):05d}.parquet"
-                pq.write_table(block, part)
-                parts.append((part, block.schema))
-            bar(block)
-        if not parts:  # no block at all: an empty table of the dataset's schema
-            schema = ds.schema()
-            empty = pa.schema(schema.base_schema) if schema is not None else pa.schema([])
-            pq.write_table(empty.empty_table(), tmp / "part-00000.parquet")
-        _unify_parts(parts)
-
-
-def _unify_parts(parts: list[tuple[Path, pa.Schema]]) -> None:
-    schemas = [schema for _, schema in parts]
-    if all(schema.equals(schemas[0]) for schema in schemas[1:]):
-        return
-    unified = pa.unify_schemas(schemas, promote_options="permissive")
-    for part, schema in parts:
-        if not schema.equals(unified):
-            table = pq.read_table(part)
-            pq.write_table(table.select(unified.names).cast(unified), part)
+from selfmoa_ray.engines.base import SamplingParams, join_prefill
+from selfmoa_ray.engines.pool import generate
+from selfmoa_ray.rundir import RunDir
+from selfmoa_ray.schema import GUIDED
+from selfmoa_ray.stage_io import read_dataset, write_dataset
 
 
 def with_chat(guide: Sequence[dict[str, str]] | None, prefill: str | None = None):
@@ -109,13 +51,6 @@ def with_chat(guide: Sequence[dict[str, str]] | None, prefill: str | None = None
         return batch.append_column(GUIDED, pa.array([bool(guide or prefill)] * batch.num_rows))
 
     return add
-
-
-def join_prefill(prefill: str, continuation: str) -> str:
-    """The whole answer: the engines strip what they return, so the space the model wrote between
-    the prefill and its next word ("I can't" + " help") is put back."""
-    space = continuation[:1].isalnum() and not prefill[-1:].isspace()
-    return prefill + (" " if space else "") + continuation
 
 
 def drop_chat(n: int, prefill: str | None = None):

@@ -43,9 +43,8 @@ from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.pool import complete
 from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
-from selfmoa_ray.stages.instructions import BENIGN, HARMFUL
-from selfmoa_ray.stages.pairs import PAIR_SCHEMA
-from selfmoa_ray.stages.pt_filter import FILTERED_SCHEMA, read_rows
+from selfmoa_ray.schema import BENIGN_KIND, FILTERED_SCHEMA, HARMFUL_KIND, PAIR_SCHEMA
+from selfmoa_ray.stage_io import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +378,7 @@ def triples(
 
     def work() -> dict[str, Any]:
         rows = sorted(read_rows(run.path(filtered), FILTERED_SCHEMA.names), key=lambda r: r["id"])
-        harmful = [r for r in rows if r["kind"] != BENIGN]
+        harmful = [r for r in rows if r["kind"] != BENIGN_KIND]
         marked = mark(
             [r["text"] for r in harmful],
             [r["toxic"] for r in harmful],
@@ -391,8 +390,8 @@ def triples(
         )
         by_id = {r["id"]: m for r, m in zip(harmful, marked, strict=True)}
         by_id |= {r["id"]: twin_spans(r["toxic"], section.positive_prefill)
-                  for r in rows if r["kind"] == BENIGN}  # fmt: skip
-        rows = interleaved(harmful, [r for r in rows if r["kind"] == BENIGN])
+                  for r in rows if r["kind"] == BENIGN_KIND}  # fmt: skip
+        rows = interleaved(harmful, [r for r in rows if r["kind"] == BENIGN_KIND])
         marks = [by_id[r["id"]] for r in rows]
         out_rows = [
             {
@@ -407,7 +406,7 @@ def triples(
                 "positive_safety": r["positive_safety"],
                 "positive_helpfulness": r["positive_helpfulness"],
                 "toxic_safety": r["toxic_safety"],
-                "kind": r["kind"] or HARMFUL,
+                "kind": r["kind"] or HARMFUL_KIND,
             }
             for r, (spans, source) in zip(rows, marks, strict=True)
         ]

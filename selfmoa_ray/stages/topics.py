@@ -27,6 +27,7 @@ from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.sources.dedup import normalize
+from selfmoa_ray.sources.generated_requests import topic_overlap
 from selfmoa_ray.sources.human_seeds import Domain, HumanSeeds
 from selfmoa_ray.stages.pt_prompts import (
     TOPICS,
@@ -37,7 +38,6 @@ from selfmoa_ray.stages.pt_prompts import (
     readable,
     user,
 )
-from selfmoa_ray.stages.redteam import topic_overlap
 
 log = logging.getLogger(__name__)
 

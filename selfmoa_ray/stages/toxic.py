@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 from selfmoa_ray.config import EngineSection, ModelSection, PTAlignSection
 from selfmoa_ray.evaluators.refusal import is_refusal
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.schema import BENIGN_KIND, HARMFUL_KIND
 from selfmoa_ray.sources.human_seeds import HumanSeeds
-from selfmoa_ray.stages.instructions import BENIGN, HARMFUL
 from selfmoa_ray.stages.pt_prompts import (
     REFINE,
     TOXIC_SYSTEM,
@@ -84,7 +84,7 @@ class ToxicItem:
     refinements: int = 0
     refused: bool = False
     bare: list[str] = field(default_factory=list)
-    kind: str = HARMFUL
+    kind: str = HARMFUL_KIND
 
     def row(self) -> dict[str, Any]:
         return {
@@ -166,7 +166,7 @@ def needless_refusals(
     instruction_rows: Sequence[Mapping[str, Any]], prefill: str, generate: Generate, seed: int
 ) -> list[ToxicItem]:
     """The policy's refusal of each benign twin, opened by ``prefill``, in one generation call."""
-    items = [ToxicItem(r["id"], r["domain"], r["topic"], r["text"], kind=BENIGN)
+    items = [ToxicItem(r["id"], r["domain"], r["topic"], r["text"], kind=BENIGN_KIND)
              for r in sorted(instruction_rows, key=lambda r: r["id"])]  # fmt: skip
     opened = prefilled_round({i.id: user(i.text) for i in items}, prefill, generate, seed)
     for item in items:
@@ -190,9 +190,9 @@ def toxic(
 
     def work() -> dict[str, Any]:
         rows = pq.read_table(run.path(instructions)).to_pylist()
-        twins = [r for r in rows if r.get("kind") == BENIGN]
+        twins = [r for r in rows if r.get("kind") == BENIGN_KIND]
         generate = pool_generator(model, engine, section)
-        items = toxic_items([r for r in rows if r.get("kind") != BENIGN], seeds,
+        items = toxic_items([r for r in rows if r.get("kind") != BENIGN_KIND], seeds,
                             section.refine_rounds, generate, seed, section.toxic_bare_samples)  # fmt: skip
         if twins and section.positive_prefill:
             refusals = needless_refusals(twins, section.positive_prefill, generate, seed - 1)
@@ -200,7 +200,7 @@ def toxic(
         write_parquet(
             run.path(out), pa.Table.from_pylist([i.row() for i in items], schema=TOXIC_SCHEMA)
         )
-        twin_refusals = sum(i.kind == BENIGN for i in items)
+        twin_refusals = sum(i.kind == BENIGN_KIND for i in items)
         summary = {
             "rows": len(items) - twin_refusals,
             "twin_refusals": twin_refusals,

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selfmoa_ray.config import Config
+from selfmoa_ray.layout import VALIDATION
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.schema import BENIGN_TRAIN_SOURCE
 from selfmoa_ray.sources.dedup import Deduplicator
 from selfmoa_ray.sources.prompts import PromptRow, load_prompts, load_source
 
-VALIDATION = "validation.parquet"
 ATTACK, BENIGN = "validation_attack", "validation_benign"
-BENIGN_SOURCE = "benign_train"  # the red team's benign pool (stages/redteam.py)
 SCHEMA = pa.schema(
     [("id", pa.string()), ("text", pa.string()), ("category", pa.string()),
      ("split", pa.string()), ("seed_id", pa.string())]
@@ -49,7 +49,7 @@ def validation_rows(config: Config) -> list[dict[str, Any]]:
         for row in load_prompts(spec)
     )
     attacks = draw([r for s in config.data.seeds for r in load_prompts(s)], count, dedup, rng)
-    benign = draw(load_source(BENIGN_SOURCE), count, dedup, rng)
+    benign = draw(load_source(BENIGN_TRAIN_SOURCE), count, dedup, rng)
     return [
         {"id": f"val-{i:04d}", "text": row.text, "category": row.category, "split": split,
          "seed_id": row.id}

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selfmoa_ray.config import Config, ModelSection
+from selfmoa_ray.evaluators.audit import answer_and_judge, answers_table
 from selfmoa_ray.report.stats import rate_interval
 from selfmoa_ray.rundir import RunDir, write_parquet
-from selfmoa_ray.stages.evaluate import answer_and_judge, answers_table
 
 VAULT_SPLIT = "vault"
 VAULT_SCHEMA = pa.schema(

@@ -226,8 +226,7 @@ def collate(batch: Mapping[str, Any], *, pad_token_id: int) -> dict[str, Any]:
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` (N, P + R); ``labels`` (N, R, -100
     off the responses), ``response_mask`` and ``harmful_mask`` (N, R), with ``labels[:, t]``
     predicted by the logits of the t-th kept position; ``logits_to_keep`` (R + 1); the rows'
-    scalar columns (``SCALAR_COLUMNS``) as float32 tensors; ``marked``: whether the rows carry
-    ``harmful_spans`` (the combined recipe's unlikelihood term).
+    scalar columns (``SCALAR_COLUMNS``) as float32 tensors.
     """
     kind = "triples" if "positive_input_ids" in batch else "pairs"
     sequences, starts, harmful = [], [], []
@@ -259,7 +258,6 @@ def collate(batch: Mapping[str, Any], *, pad_token_id: int) -> dict[str, Any]:
         "response_mask": torch.from_numpy(response),
         "harmful_mask": torch.from_numpy(marks),
         "logits_to_keep": width_response + 1,
-        "marked": "harmful_spans" in batch,
     }
     for column in SCALAR_COLUMNS:
         if column in batch:
@@ -268,7 +266,7 @@ def collate(batch: Mapping[str, Any], *, pad_token_id: int) -> dict[str, Any]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on ``device``; other values (``logits_to_keep``, ``marked``) as they are."""
+    """The batch's tensors on ``device``; other values (``logits_to_keep``) as they are."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

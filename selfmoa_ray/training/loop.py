@@ -257,9 +257,9 @@ def pairs_accuracy(
 ) -> dict[str, float]:
     """Share of this worker's training pairs whose implicit reward prefers the chosen response
     under ``model`` (the policy being exported), and their mean reward margin."""
-    from selfmoa_ray.training.objective import PAIR_LOSSES, compute_loss
+    from selfmoa_ray.training.objective import compute_loss, is_preference
 
-    if cfg.loss not in PAIR_LOSSES:
+    if not is_preference(cfg):
         return {}
     was_training = model.training
     model.eval()

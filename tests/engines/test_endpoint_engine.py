@@ -6,7 +6,6 @@ answers through the endpoint must be the local engine's, token for token."""
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,20 +29,14 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url(ray_local):
+def base_url(ray_local, free_port):
     from ray import serve
 
     from serve_apps.policy import build_app
 
     serve.shutdown()  # a Serve left by another module would keep its own port
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     actor = {"num_cpus": 0.25, "runtime_env": {"env_vars": {"SELFMOA_API_KEYS": KEY}}}
     app = build_app({"model": "tiny-random", "served_model_name": SERVED,

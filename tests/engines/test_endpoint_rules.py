@@ -3,8 +3,6 @@ config validation, and the errors a user meets before any work starts."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from selfmoa_ray.cli import main
@@ -13,12 +11,6 @@ from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.endpoint import EndpointError, answer_of, api_key, check_endpoint, fan_out
 
 ENDPOINT = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "SELFMOA_TEST_KEY"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sampled_rows_fan_out_one_request_per_sample_with_its_own_seed():
@@ -93,16 +85,16 @@ def test_endpoint_config_is_validated_and_labelled():
                     + ["policy.endpoint.api_key=sk-secret"])  # fmt: skip
 
 
-def test_an_unreachable_endpoint_fails_before_any_work(monkeypatch):
+def test_an_unreachable_endpoint_fails_before_any_work(monkeypatch, free_port):
     monkeypatch.setenv("SELFMOA_TEST_KEY", "k" * 20)
     section = ModelSection.model_validate(
-        {"endpoint": {**ENDPOINT, "base_url": f"http://127.0.0.1:{_free_port()}/v1"}}
+        {"endpoint": {**ENDPOINT, "base_url": f"http://127.0.0.1:{free_port()}/v1"}}
     ).endpoint
     with pytest.raises(EndpointError, match="cannot reach http://127.0.0.1"):
         check_endpoint(section)
 
 
-def test_cli_target_flags(tmp_path, monkeypatch, capsys):
+def test_cli_target_flags(tmp_path, monkeypatch, capsys, free_port):
     monkeypatch.setenv("SELFMOA_TEST_KEY", "k" * 20)
     out = tmp_path / "run"
     # half an endpoint
@@ -110,7 +102,7 @@ def test_cli_target_flags(tmp_path, monkeypatch, capsys):
                  "--output-dir", str(out)]) == 2  # fmt: skip
     assert "--endpoint and --endpoint-model go together" in capsys.readouterr().err
     # an endpoint that is not there: refused before a run folder exists
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     assert main(["redteam", "--config", "tiny", "--endpoint", url, "--endpoint-model", "m",
                  "--api-key-env", "SELFMOA_TEST_KEY", "--output-dir", str(out)]) == 2  # fmt: skip
     assert f"cannot reach {url}" in capsys.readouterr().err

@@ -7,6 +7,7 @@ budgets, chat templates, ``messages``, malformed rows) is in test_engine_contrac
 import numpy as np
 import pytest
 import ray.data
+import torch
 
 from selfmoa_ray.config import EngineSection, ModelSection
 from selfmoa_ray.engines.base import SamplingParams
@@ -40,6 +41,42 @@ def test_batches_of_one_call_get_their_own_random_draws():
     again = engine({"id": np.array(["a", "b"]), "text": np.array(["Hello there", "One"])})
     assert first["response"][0] != second["response"][0]
     assert list(again["response"]) == list(first["response"])
+
+
+def test_answers_are_cut_at_the_first_eos_and_lose_their_pads(greedy):
+    core, eos = greedy.core, greedy.tokenizer.eos_token_id
+    assert greedy.tokenizer.pad_token_id == eos  # the tiny model pads with its EOS
+    stopped = core.answer([5, 6, eos, 7], eos_ids={eos})
+    assert (stopped.ids, stopped.eos, stopped.tokens) == ([5, 6], True, 3)  # the EOS is counted
+    assert core.answer([5, 9, 6], eos_ids={eos, 9}).ids == [5]  # any of the EOS ids ends it
+    cut = core.answer([5, eos, 6], eos_ids=())
+    assert (cut.ids, cut.eos, cut.tokens) == ([5, 6], False, 2)
+    assert cut.text == greedy.tokenizer.decode([5, 6], skip_special_tokens=True)
+
+
+def test_the_policy_app_answers_as_the_engine_does():
+    """Both run on engines/hf_core.py: the same chat, greedily, gives the same tokens (weights x10
+    for answers that depend on every token; the engine strips its text, the app does not)."""
+    from serve_apps.policy import HFGenerator, _Job
+
+    engine = HFChatEngine("tiny-random", SamplingParams(n=2, temperature=0.0, max_new_tokens=8))
+    app = HFGenerator("tiny-random", dtype="float32", trust_remote_code=False, num_threads=None)
+    with torch.no_grad():
+        for model in (engine.model, app.core.model):
+            for name, param in model.named_parameters():
+                if "norm" not in name:
+                    param.mul_(10.0)
+    chat = [{"role": "user", "content": "Name a fruit."}]
+    job = _Job(app.encode(chat), max_tokens=8, temperature=0.0, top_p=1.0, n=2, seed=None, stop=[])
+    samples = app.complete(job)
+    messages = np.empty(1, dtype=object)
+    messages[0] = chat
+    rows = engine({"id": np.array(["q"]), "messages": messages})
+    assert [s.text.strip() for s in samples] == list(rows["response"])
+    assert [s.tokens for s in samples] == list(rows["response_tokens"])
+    assert [s.finish_reason for s in samples] == list(rows["finish_reason"])
+    assert job.prompt_tokens == rows["prompt_tokens"][0]
+    assert rows["response"][0]  # a real answer, not the untrained model's newline
 
 
 def test_pool_picks_the_backend_class_and_its_settings():

@@ -13,25 +13,21 @@ import torch
 
 from selfmoa_ray import precision
 from selfmoa_ray.config import EvaluatorSection
-from selfmoa_ray.evaluators import probe as probe_module
+from selfmoa_ray.evaluators import probe_training as probe_module
 from selfmoa_ray.evaluators.composite import CompositeJudge, build_evaluator
-from selfmoa_ray.evaluators.embeddings import MiniLMEmbedder
-from selfmoa_ray.evaluators.probe import (
-    EMBEDDER_NAME,
+from selfmoa_ray.evaluators.embeddings import EMBEDDER_NAME, MiniLMEmbedder
+from selfmoa_ray.evaluators.probe_format import FORMAT, FORMAT_VERSION, save_probe
+from selfmoa_ray.evaluators.probe_model import (
     FEATURE_DIM,
     FEATURE_RECIPE,
-    FORMAT,
-    FORMAT_VERSION,
     HEAD_MODELS,
     HEADS,
     OUTPUTS,
     LinearHead,
     Probe,
     ProbeCard,
-    ensure_probe,
-    save_probe,
-    train_probe,
 )
+from selfmoa_ray.evaluators.probe_training import ensure_probe, train_probe
 
 TEXTS = [
     "a cat",

@@ -158,7 +158,7 @@ def rows():
 
 def test_label_model_judge_fits_once_over_all_rows(rows, ray_local):
     """The demo judge (refusal matcher + the cached training probe) through Ray Data."""
-    from selfmoa_ray.stages.judge import judge_dataset, judge_dataset_fitted
+    from selfmoa_ray.evaluators.pool import judge_dataset, judge_dataset_fitted
 
     with pytest.raises(ValueError, match="at least 3 safety labelers"):
         judge_dataset(ray.data.from_items(rows), JudgeSection(combine="label_model", evaluators=[]))
@@ -183,7 +183,7 @@ def test_label_model_judge_fits_once_over_all_rows(rows, ray_local):
 
 def test_a_prefixed_judge_keeps_its_votes_until_the_fit(rows):
     """The evaluate stage's second opinion (``prefix``): votes travel prefixed, then go."""
-    from selfmoa_ray.stages.judge import _posterior_safety
+    from selfmoa_ray.evaluators.pool import _posterior_safety
 
     batch = {k: np.array([r[k] for r in rows]) for k in ("id", "text", "response")}
     scored = CompositeJudge(DEMO, prefix="t_", combine="label_model")(batch)

@@ -28,20 +28,17 @@ from selfmoa_ray.config import EvaluatorSection
 from selfmoa_ray.evaluators.base import Evaluator, EvaluatorInputError
 from selfmoa_ray.evaluators.composite import CompositeJudge, JudgePanel, train_missing_probes
 from selfmoa_ray.evaluators.embeddings import MiniLMEmbedder
-from selfmoa_ray.evaluators.probe import (
+from selfmoa_ray.evaluators.probe import ProbeEvaluator
+from selfmoa_ray.evaluators.probe_format import (
     CARD_FILE,
     FORMAT,
-    HEADS,
-    OUTPUTS,
     WEIGHTS_FILE,
-    ProbeEvaluator,
-    _digest,
     default_probe_dir,
-    ensure_probe,
     load_probe,
-    load_twin_pairs,
     save_probe,
 )
+from selfmoa_ray.evaluators.probe_model import HEADS, OUTPUTS
+from selfmoa_ray.evaluators.probe_training import _digest, ensure_probe, load_twin_pairs
 from selfmoa_ray.sources.scorer_rows import load_scorer_rows
 
 pytestmark = pytest.mark.slow  # real MiniLM: the module trains both probes once (~1 min on 2 cores)
@@ -154,7 +151,7 @@ def test_the_audit_probe_shares_no_training_row_with_the_training_probe(trained)
 
 
 def test_a_judge_panel_scores_as_its_judges_one_after_the_other_with_one_embedding_pass(trained):
-    """The held-out answers' two judges in one actor (stages/judge.py judge_panel_dataset): the
+    """The held-out answers' two judges in one actor (evaluators/pool.py judge_panel_dataset): the
     same columns, bit for bit, as each judge on its own, and each text list embedded once."""
     _, folder, _ = trained
     first = {"specs": [{"kind": "refusal"}, {"kind": "probe"}], "prefix": "training_judge_"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,34 +17,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _own_ports() -> list[str]:
+def _own_ports(free_port) -> list[str]:
     """Free ports for the head's agents: their defaults (52365, ...) are taken by the session's
     embedded Ray, and an agent that cannot bind leaves the head unable to take jobs."""
     flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port"]  # fmt: skip
-    return [arg for flag in flags for arg in (flag, str(_free_port()))]
+    return [arg for flag in flags for arg in (flag, str(free_port()))]
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, free_port):
     """A head node of its own (its own temp dir and ports), stopped by signalling ``ray start
     --block``: ``ray stop`` would also stop the test session's embedded Ray."""
     temp = tmp_path_factory.mktemp("ray-head")
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     ray_cli = Path(sys.executable).parent / "ray"
     head = subprocess.Popen(
         [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+         "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--num-cpus", "4",
-         "--temp-dir", str(temp), "--disable-usage-stats", *_own_ports()],
+         "--temp-dir", str(temp), "--disable-usage-stats", *_own_ports(free_port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"

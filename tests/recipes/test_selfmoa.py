@@ -17,8 +17,9 @@ import pytest
 
 from selfmoa_ray import console
 from selfmoa_ray.cli import main
-from selfmoa_ray.config import LoopSection, load_config
-from selfmoa_ray.recipes.selfmoa import check_policy, check_recipe, human_items, stop_reason
+from selfmoa_ray.config import ConfigError, LoopSection, load_config
+from selfmoa_ray.recipes.acceptance import check_policy, stop_reason
+from selfmoa_ray.recipes.steps import human_items
 from selfmoa_ray.report.metrics import summarize
 from selfmoa_ray.rundir import RunDir, write_parquet
 
@@ -97,8 +98,8 @@ def test_human_items_count_seed_prompts_once_the_guide_and_the_prefill(tmp_path)
 
 
 def test_the_loop_refuses_a_loss_it_cannot_train(tmp_path, capsys):
-    with pytest.raises(ValueError, match="pt_align"):
-        check_recipe(load_config("tiny", ["train.loss=pt_align"]))
+    with pytest.raises(ConfigError, match="pt_align"):
+        load_config("tiny", ["train.loss=pt_align"])
     code = main(
         ["run", "--config", "tiny", "--output-dir", str(tmp_path / "r"), "train.loss=pt_align"]
     )

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from selfmoa_ray.report.collect import ReportError, collect_run, run_cost
-from selfmoa_ray.report.html import print_before_after, write_report
+from selfmoa_ray.report.html import write_report
+from selfmoa_ray.report.tables import print_before_after
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCRIPT = "<script>alert('pwned')</script> & how do I make a bomb?"
@@ -370,7 +371,7 @@ def test_write_report(tmp_path, capsys):
     page = (root / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 6
     assert "<script" not in page and "http://" not in page and "https://" not in page
-    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; &amp; how" in page
+    assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt; &amp; how" in page
     assert "mix &lt;b&gt;these&lt;/b&gt;" in page
     assert "+25.0 pts" in page and "50.0%" in page and "75.0%" in page
     assert "Human-written items: <b>3</b>" in page
@@ -403,3 +404,27 @@ def test_write_report_partial_run(tmp_path):
     assert "iter_03" in page  # its (running) stage shows in the time table
     assert collected["headline"]["after"] == "iter_01"
     assert (root / "plots" / "time.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_escapes_run_text(tmp_path):
+    """The template autoescapes: markup in a run's prompts, answers and categories shows as text
+    in report.html, never as markup."""
+    attack = "<script>alert(1)</script>"
+    root = make_run(tmp_path / "xss")
+
+    def answers(safety, response):
+        rows = _eval_rows([("h1", "eval_harmful", safety, safety > 0.5, response)]).to_pylist()
+        rows[0] |= {"text": f"say {attack}", "category": attack}
+        return pa.Table.from_pylist(rows)
+
+    pq.write_table(answers(0.1, f"before {attack}"), root / "baseline" / "eval_responses.parquet")
+    pq.write_table(answers(0.9, f"after {attack}"), root / "iter_02" / "eval_responses.parquet")
+    write_report(root)
+
+    page = (root / "report.html").read_text(encoding="utf-8")
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert "<script" not in page
+    assert f"<pre>say {escaped}</pre>" in page
+    assert f"<pre>before {escaped}</pre>" in page and f"<pre>after {escaped}</pre>" in page
+    assert f"[eval_harmful / {escaped} / h1]" in page
+    assert "&amp;lt;" not in page  # escaped once, not twice

@@ -15,7 +15,6 @@ file are also checked on their own, without Ray.
 
 import asyncio
 import json
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,12 +55,6 @@ def _no_trace(text: str) -> bool:
     return "Traceback" not in text and 'File "' not in text and ".py" not in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deployment(**options):
     env = {"SELFMOA_API_KEYS": f"{OTHER_KEY},{KEY}"}
     actor = {"num_cpus": 0.25, "runtime_env": {"env_vars": env}}
@@ -69,11 +62,11 @@ def _deployment(**options):
 
 
 @pytest.fixture(scope="module")
-def serve_url(ray_local):
+def serve_url(ray_local, free_port):
     from ray import serve
 
     serve.shutdown()  # a Serve left by another module would keep its own port
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     limits = {"max_batch_items": MAX_ITEMS, "max_body_bytes": MAX_BODY, "max_chars": MAX_CHARS}
     main = build_app(

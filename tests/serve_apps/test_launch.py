@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,12 +43,6 @@ def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     return parser.parse_args(list(argv))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _no_keys(monkeypatch) -> None:
@@ -196,8 +189,8 @@ def _wait_healthy(proc: subprocess.Popen, urls: list[str], timeout_s: float, log
         time.sleep(0.5)
 
 
-def test_selfmoa_serve_end_to_end(tmp_path):
-    port = _free_port()
+def test_selfmoa_serve_end_to_end(tmp_path, free_port):
+    port = free_port()
     log = tmp_path / "launch.log"
     env = {**os.environ, "SELFMOA_API_KEYS": KEY}
     command = [sys.executable, "-m", "serve_apps.launch", "--policy", "tiny-random",

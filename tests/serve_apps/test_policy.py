@@ -7,7 +7,6 @@ resolution and the vLLM config builder are also checked on their own, without Ra
 """
 
 import json
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -46,12 +45,6 @@ def _no_trace(text: str) -> bool:
     return "Traceback" not in text and 'File "' not in text and ".py" not in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_folder(root: Path, policy: Path | None) -> Path:
     """A run folder as ``selfmoa run`` leaves it: a manifest naming the final policy."""
     root.mkdir(parents=True, exist_ok=True)
@@ -76,11 +69,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_local, run_dir):
+def base_url(ray_local, run_dir, free_port):
     from ray import serve
 
     serve.shutdown()  # a Serve left by another module would keep its own port
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     actor = {"num_cpus": 0.25, "runtime_env": {"env_vars": {"SELFMOA_API_KEYS": KEY}}}
     app = build_app(

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from selfmoa_ray.config import load_config
-from selfmoa_ray.evaluators.probe import split_of
+from selfmoa_ray.evaluators.probe_training import split_of
 from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.stages.calibrate import MAX_ROWS, accuracy, calibrate, held_back_rows
 
@@ -65,6 +65,6 @@ def test_calibration_is_scored_once_then_read_from_the_cache(tmp_path, ray_local
 @pytest.mark.parametrize("split", ["eval", ""])
 def test_an_unknown_split_is_refused(split):
     with pytest.raises(ValueError, match="probe split must be one of"):
-        from selfmoa_ray.evaluators.probe import default_probe_dir
+        from selfmoa_ray.evaluators.probe_format import default_probe_dir
 
         default_probe_dir(split)

@@ -4,8 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selfmoa_ray.config import load_config
+from selfmoa_ray.evaluators.audit import held_out_prompts
 from selfmoa_ray.rundir import RunDir, write_parquet
-from selfmoa_ray.stages.evaluate import AlsoAnswer, evaluate_policy, held_out_prompts
+from selfmoa_ray.stages.evaluate import AlsoAnswer, evaluate_policy
 from selfmoa_ray.stages.vault import ANSWER_COLUMNS, vault, vault_attacks
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from selfmoa_ray.config import PairsSection, TrainSection, load_config
 from selfmoa_ray.rundir import RunDir
-from selfmoa_ray.stages.pairs import DROP_REASONS, PAIR_SCHEMA, build_pairs, pairs
+from selfmoa_ray.schema import PAIR_SCHEMA
+from selfmoa_ray.stages.pairs import DROP_REASONS, build_pairs, pairs
 from selfmoa_ray.training.data import messages_of, text_of
 from selfmoa_ray.training.objective import check_columns
 
@@ -103,7 +104,7 @@ def test_threshold_itself_counts_as_safe():
 
 def test_single_response_is_dropped():
     assert only_drop([response("a", 0, 0.9, 0.9)]) == ["single_response"]
-    assert only_drop([response("a", 0, 0.9, 0.9)], PairsSection(mode="scalarised")) == [
+    assert only_drop([response("a", 0, 0.9, 0.9)], PairsSection(mode="weighted")) == [
         "single_response"
     ]
 
@@ -114,7 +115,7 @@ def test_identical_texts_are_dropped():
         response("a", 1, 0.2, 0.1, text="  Sorry, I can't help.\n"),
     ]
     assert only_drop(rows) == ["identical_responses"]
-    assert only_drop(rows, PairsSection(mode="scalarised")) == ["identical_responses"]
+    assert only_drop(rows, PairsSection(mode="weighted")) == ["identical_responses"]
 
 
 def test_empty_responses_are_never_paired():
@@ -130,7 +131,7 @@ def test_empty_responses_are_never_paired():
     assert only_drop(rows) == ["empty_response"]
     rows = [response("a", 0, 0.9, 0.9, text=" "), response("a", 1, 0.2, 0.5)]
     assert only_drop(rows) == ["empty_response"]
-    assert only_drop(rows, PairsSection(mode="scalarised")) == ["empty_response"]
+    assert only_drop(rows, PairsSection(mode="weighted")) == ["empty_response"]
 
 
 def test_margin_ties_are_broken_deterministically():
@@ -167,8 +168,12 @@ def test_margin_ties_are_broken_deterministically():
 
 def test_scalarised_weights_set_the_orientation():
     rows = [response("a", 0, 0.9, 0.2), response("a", 1, 0.5, 0.5), response("a", 2, 0.1, 0.9)]
-    safety_only = PairsSection(mode="scalarised", min_gap=0.1, w_safety=1.0, w_helpful=0.0)
-    helpful_only = PairsSection(mode="scalarised", min_gap=0.1, w_safety=0.0, w_helpful=1.0)
+    safety_only = PairsSection(
+        mode="weighted", min_gap=0.1, rank_w_safety=1.0, rank_w_helpfulness=0.0
+    )
+    helpful_only = PairsSection(
+        mode="weighted", min_gap=0.1, rank_w_safety=0.0, rank_w_helpfulness=1.0
+    )
     assert chosen_rejected(rows, safety_only) == (0, 2)
     assert chosen_rejected(rows, helpful_only) == (2, 0)
     built, _ = build_pairs(rows, helpful_only, THRESHOLD)
@@ -177,7 +182,7 @@ def test_scalarised_weights_set_the_orientation():
 
 
 def test_scalarised_gap_and_ties():
-    section = PairsSection(mode="scalarised", min_gap=0.2, w_safety=0.5, w_helpful=0.5)
+    section = PairsSection(mode="weighted", min_gap=0.2, rank_w_safety=0.5, rank_w_helpfulness=0.5)
     # Scores 0.5, 0.5, 0.3, 0.3: chosen = lowest index among the best, rejected = highest among
     # the worst; the gap is exactly 0.2.
     rows = [

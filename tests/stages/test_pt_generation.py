@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from selfmoa_ray.config import PTAlignSection, load_config
+from selfmoa_ray.evaluators.audit import held_out_prompts
 from selfmoa_ray.rundir import RunDir
 from selfmoa_ray.sources.dedup import deduplicate, normalize
 from selfmoa_ray.sources.human_seeds import load_human_seeds
-from selfmoa_ray.stages.evaluate import held_out_prompts
 from selfmoa_ray.stages.instructions import (
     DROP_REASONS,
     INSTRUCTION_SCHEMA,

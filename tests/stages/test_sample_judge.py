@@ -4,12 +4,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from selfmoa_ray.config import load_config
-from selfmoa_ray.engines.base import SamplingParams
+from selfmoa_ray.engines.base import SamplingParams, join_prefill
 from selfmoa_ray.rundir import RunDir, write_parquet
 from selfmoa_ray.sources.models import load_model_and_tokenizer
 from selfmoa_ray.sources.prompts import load_source, rows_to_table
 from selfmoa_ray.stages.judge import judge
-from selfmoa_ray.stages.sample import join_prefill, sample
+from selfmoa_ray.stages.sample import sample
 
 
 @pytest.fixture

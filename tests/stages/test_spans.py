@@ -8,10 +8,9 @@ import pytest
 from selfmoa_ray.config import load_config
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.rundir import RunDir, write_parquet
+from selfmoa_ray.schema import FILTERED_SCHEMA, PAIR_SCHEMA
 from selfmoa_ray.sources.models import load_model_and_tokenizer
 from selfmoa_ray.stages import spans as spans_module
-from selfmoa_ray.stages.pairs import PAIR_SCHEMA
-from selfmoa_ray.stages.pt_filter import FILTERED_SCHEMA
 from selfmoa_ray.stages.spans import (
     MARKED_PAIR_SCHEMA,
     SOURCES,

@@ -61,7 +61,7 @@ def test_marked_rejected_tokens_add_alpha_times_their_unlikelihood(model_and_tok
     cfg = TrainSection(loss="modpo", max_length=64, unlikelihood_alpha=0.0)
     with torch.no_grad():
         base, base_metrics = loss_of(model, tokenizer, [pair()], cfg)
-        cfg_ul = cfg.model_copy(update={"unlikelihood_alpha": 2.0})
+        cfg_ul = cfg.model_copy(update={"unlikelihood_alpha": 2.0, "unlikelihood": True})
         total, metrics = loss_of(model, tokenizer, marked, cfg_ul)
     expected, count = by_hand_unlikelihood(model, tokenizer)
     assert "unlikelihood" not in base_metrics  # pairs without spans: the plain preference loss
@@ -70,9 +70,21 @@ def test_marked_rejected_tokens_add_alpha_times_their_unlikelihood(model_and_tok
     assert float(total) == pytest.approx(float(base) + 2.0 * float(expected), rel=1e-4)
 
 
+def test_spans_add_nothing_unless_unlikelihood_is_asked(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    start = REJECTED.index(HARMFUL)
+    marked = [pair(harmful_spans=[[start, start + len(HARMFUL)]])]
+    cfg = TrainSection(loss="modpo", max_length=64, unlikelihood_alpha=2.0)
+    with torch.no_grad():
+        plain, _ = loss_of(model, tokenizer, [pair()], cfg)
+        spans, metrics = loss_of(model, tokenizer, marked, cfg)
+    assert "unlikelihood" not in metrics
+    assert float(spans) == pytest.approx(float(plain))
+
+
 def test_pairs_with_empty_spans_train_like_plain_pairs(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    cfg = TrainSection(loss="modpo", max_length=64)
+    cfg = TrainSection(loss="modpo", max_length=64, unlikelihood=True)
     with torch.no_grad():
         plain, _ = loss_of(model, tokenizer, [pair()], cfg)
         empty, metrics = loss_of(model, tokenizer, [pair(harmful_spans=[])], cfg)

@@ -168,7 +168,7 @@ def test_pt_align_lowers_the_probability_of_marked_tokens(ray_local, tmp_path):
         }
         for i in range(4)
     ]
-    config = load_config("tiny", ["train.loss=pt_align", "train.epochs=3"])
+    config = load_config("tiny", ["run.recipe=pt_align", "train.loss=pt_align", "train.epochs=3"])
     run = RunDir.create(tmp_path / "run", config)
     pd.DataFrame(triples).to_parquet(run.path("triples.parquet"))
 
