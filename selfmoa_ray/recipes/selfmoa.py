@@ -76,7 +76,7 @@ def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
             stage_done(run, validation(run, config), "validation")
         track_policy(tracker, run, 0, BASELINE)
         policy, accepted = config.policy, BASELINE
-        state: dict[str, Any] = {"recipe": "combined" if combined else "selfmoa"}
+        state: dict[str, Any] = {"recipe": config.run.recipe}
         state.update(iterations_planned=config.loop.iterations, iterations_done=0)
         state.update(stopped_early=False, stop_reason=None, safety_gains={})
         for t in range(1, config.loop.iterations + 1):

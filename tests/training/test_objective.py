@@ -35,6 +35,12 @@ def pair(**extra):
     }
 
 
+def marked_pair() -> dict:
+    """A pair whose rejected answer has HARMFUL marked as its harmful span."""
+    start = REJECTED.index(HARMFUL)
+    return pair(harmful_spans=[[start, start + len(HARMFUL)]])
+
+
 def by_hand_unlikelihood(model, tokenizer) -> tuple[torch.Tensor, int]:
     """-mean log(1 - p) over the tokens of HARMFUL in the rejected answer, computed directly,
     and how many tokens that is."""
@@ -56,8 +62,7 @@ def by_hand_unlikelihood(model, tokenizer) -> tuple[torch.Tensor, int]:
 
 def test_marked_rejected_tokens_add_alpha_times_their_unlikelihood(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    start = REJECTED.index(HARMFUL)
-    marked = [pair(harmful_spans=[[start, start + len(HARMFUL)]])]
+    marked = [marked_pair()]
     cfg = TrainSection(loss="modpo", max_length=64, unlikelihood_alpha=0.0)
     with torch.no_grad():
         base, base_metrics = loss_of(model, tokenizer, [pair()], cfg)
@@ -72,8 +77,7 @@ def test_marked_rejected_tokens_add_alpha_times_their_unlikelihood(model_and_tok
 
 def test_spans_add_nothing_unless_unlikelihood_is_asked(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    start = REJECTED.index(HARMFUL)
-    marked = [pair(harmful_spans=[[start, start + len(HARMFUL)]])]
+    marked = [marked_pair()]
     cfg = TrainSection(loss="modpo", max_length=64, unlikelihood_alpha=2.0)
     with torch.no_grad():
         plain, _ = loss_of(model, tokenizer, [pair()], cfg)
