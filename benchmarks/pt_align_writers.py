@@ -44,6 +44,7 @@ def measure(config_name: str, per_topic: int, overrides: list[str]) -> dict:
     from selfmoa_ray.evaluators.audit import held_out_prompts
     from selfmoa_ray.ray_runtime import ray_for_run
     from selfmoa_ray.report.stats import rate_interval
+    from selfmoa_ray.sources.generated_requests import content_words
     from selfmoa_ray.sources.human_seeds import load_human_seeds
     from selfmoa_ray.stages.instructions import (
         check_instruction,
@@ -51,7 +52,7 @@ def measure(config_name: str, per_topic: int, overrides: list[str]) -> dict:
         make_deduplicator,
         plan_slots,
     )
-    from selfmoa_ray.stages.redteam import content_words, list_prompt, usable_request
+    from selfmoa_ray.stages.redteam import list_prompt, usable_request
     from selfmoa_ray.stages.topics import fallback_topics
 
     config = load_config(config_name, overrides)

@@ -758,11 +758,11 @@ def read_with_bases(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dic
         raise ConfigError(f"{name_or_path}: base must name a preset or a YAML file, got {base!r}")
     path = Path(name_or_path)
     if base not in list_presets() and not Path(base).is_absolute() and path.is_file():
-        base = str(path.parent / base)
-    if base in seen or str(name_or_path) in seen:
-        chain = " -> ".join([*seen, str(name_or_path), base])
-        raise ConfigError(f"config bases form a cycle: {chain}")
-    return _merge(read_with_bases(base, (*seen, str(name_or_path))), data)
+        base = str((path.parent / base).resolve())
+    here = str(path.resolve()) if path.is_file() else str(name_or_path)
+    if base in (*seen, here):
+        raise ConfigError(f"config bases form a cycle: {' -> '.join([*seen, here, base])}")
+    return _merge(read_with_bases(base, (*seen, here)), data)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

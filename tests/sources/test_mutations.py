@@ -4,9 +4,9 @@ import random
 
 import pytest
 
+from selfmoa_ray.sources.generated_requests import content_words
 from selfmoa_ray.sources.mutations import JAILBREAK, PLAIN, STYLES, mutations, past_tense
 from selfmoa_ray.sources.prompts import load_source
-from selfmoa_ray.stages.redteam import content_words
 
 # Words a rewrite may legitimately change: first-person pronouns become third person in the past
 # tense, and polite or modal openers ("Could you please ...") are dropped.
