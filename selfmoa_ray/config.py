@@ -16,12 +16,15 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfmoa_ray.precision import Dtype, Precision
+
+if TYPE_CHECKING:
+    from selfmoa_ray.engines.base import SamplingParams
 
 PRESETS_PACKAGE = "selfmoa_ray.presets"
 
@@ -150,6 +153,18 @@ class SamplingSection(Section):
         "model writes the rest. Answers that refuse in the policy's own words, for the intent "
         "pairs to prefer on attacks and reject on benign prompts (stages/sample.py)",
     )
+
+    def params(self, seed: int) -> SamplingParams:
+        """These settings as the engines take them, drawing with ``seed``."""
+        from selfmoa_ray.engines.base import SamplingParams
+
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            seed=seed,
+        )
 
 
 class DataSection(Section):

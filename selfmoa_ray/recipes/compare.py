@@ -49,11 +49,12 @@ METRICS = {
     "over_refusal": "benign/over_refusal",
     "helpfulness": "benign/helpfulness",
 }
+PARTS = ("", "_interval", "_delta", "_delta_interval")
 COLUMNS = (
-    "recipe", "policy", "verdict",
-    *(f"{m}{part}" for m in METRICS for part in ("", "_interval", "_delta", "_delta_interval")),
-    "human_items", "prompts", "training_examples", "wall_seconds", "run_dir",
-)  # fmt: skip
+    *("recipe", "policy", "verdict"),
+    *(f"{metric}{part}" for metric in METRICS for part in PARTS),
+    *("human_items", "prompts", "training_examples", "wall_seconds", "run_dir"),
+)
 
 
 def recipe_name(name: str) -> str:
@@ -222,8 +223,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [header]
     for row in rows:
-        cells = [cell(row, key) for key in
-                 ("harmful_safety", "harmful_strict_refusal", "over_refusal", "helpfulness")]  # fmt: skip
+        shown = ("harmful_safety", "harmful_strict_refusal", "over_refusal", "helpfulness")
+        cells = [cell(row, key) for key in shown]
         lines.append(
             f"| {row['recipe']} | {row['policy']} | {row['verdict']} | {' | '.join(cells)} | "
             f"{row['human_items']} | {row['prompts']} | {row['training_examples']} | "

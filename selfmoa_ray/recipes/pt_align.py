@@ -66,21 +66,15 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
     tracker = make_tracker(config.tracking, run.root, config.run.name)
     try:
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
-        stage_done(
-            run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config), "calibrate"
-        )
+        calibrated = calibrate(run, stage="calibrate", out=CALIBRATION, config=config)
+        stage_done(run, calibrated, "calibrate")
         if config.loop.validation_prompts:
             stage_done(run, validation(run, config), "validation")
         held_back = read_validation(run) or {}
         track_policy(tracker, run, 0, BASELINE)
 
-        gen = {
-            "seeds": seeds,
-            "section": section,
-            "model": generator,
-            "engine": config.engine,
-            "seed": seed,
-        }
+        model = {"model": generator, "engine": config.engine, "seed": seed}
+        gen = {"seeds": seeds, "section": section, **model}
         eval_texts = [p.text for p in held_out_prompts(config.data, config.run.seed)]
         eval_texts += [text for texts in held_back.values() for text in texts]
         steps("topics", topics, **gen)
@@ -88,10 +82,7 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
         steps("positive", positive, **gen)
         steps("toxic", toxic, **gen)
         steps("filter", pt_filter, section=section, judge=config.judge)
-        triples_entry = steps(
-            "triples", triples, section=section, model=generator, engine=config.engine, seed=seed
-        )
-        kept = triples_entry["summary"]["triples"]
+        kept = steps("triples", triples, section=section, **model)["summary"]["triples"]
         state: dict[str, Any] = {"recipe": "pt_align", "iterations_planned": 1}
         state.update(iterations_done=1, stopped_early=False, stop_reason=None)
         state.update(human_items=seeds.items, human_seeds=section.seeds)
@@ -102,16 +93,9 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
             log.warning("PT-ALIGN kept %d triples, fewer than one batch (%d)", kept, needed)
             state.update(stopped_early=True, stop_reason=f"too few triples to train ({kept})")
         else:
-            triples_file = it.io("triples")["out"]
-            steps(
-                "train",
-                train,
-                data=triples_file,
-                model=config.policy,
-                config=train_config,
-                seed=seed,
-                validation=held_back or None,
-            )
+            data, start = it.io("triples")["out"], config.policy
+            trainer = {"config": train_config, "seed": seed, "validation": held_back or None}
+            steps("train", train, data=data, model=start, **trainer)
             trained = config.policy.model_copy(update={"source": str(run.path(it.file(POLICY)))})
             stage_done(run, evaluate_policy(run, config, trained, it.name), it.stage("evaluate"))
             track_policy(tracker, run, 1, it.name)

@@ -27,6 +27,7 @@ from selfmoa_ray.layout import Iteration
 from selfmoa_ray.recipes.selfmoa import attack_round
 from selfmoa_ray.report.metrics import summarize
 from selfmoa_ray.rundir import RunDir, write_json
+from selfmoa_ray.schema import BENIGN_SPLIT
 
 SUMMARY = "redteam.json"
 
@@ -40,14 +41,16 @@ def run_redteam(config: Config, run: RunDir) -> dict[str, Any]:
         failures = attack_round(config, run, it, config.policy, guided=False)
         scored = pq.read_table(run.path(it.io("judge")["out"])).to_pylist()
         splits = summarize(scored, config.judge.unsafe_threshold)
-        rounds.append({
-            "round": t,
-            "attacks": failures["attack_prompts"],
-            "successful_attacks": failures["failed"],
-            "attack_success_rate": failures["failure_rate"],
-            "by_category": failures["by_category"],
-            "answers": splits,
-        })  # fmt: skip
+        rounds.append(
+            {
+                "round": t,
+                "attacks": failures["attack_prompts"],
+                "successful_attacks": failures["failed"],
+                "attack_success_rate": failures["failure_rate"],
+                "by_category": failures["by_category"],
+                "answers": splits,
+            }
+        )
     summary = {"target": config.policy.label, "rounds": rounds}
     run.manifest["redteam"] = {k: v for k, v in summary.items() if k != "rounds"}
     run.save()
@@ -57,10 +60,10 @@ def run_redteam(config: Config, run: RunDir) -> dict[str, Any]:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """A short table for the terminal: one line per round, then the worst categories."""
-    lines = [f"target: {summary['target']}",
-             f"{'round':>5} {'attacks':>8} {'succeeded':>10} {'rate':>7} {'benign refused':>15}"]  # fmt: skip
+    header = f"{'round':>5} {'attacks':>8} {'succeeded':>10} {'rate':>7} {'benign refused':>15}"
+    lines = [f"target: {summary['target']}", header]
     for r in summary["rounds"]:
-        benign = r["answers"].get("benign", {})
+        benign = r["answers"].get(BENIGN_SPLIT, {})
         refused = f"{100 * benign['refusal_rate']:.1f}%" if benign else "-"
         lines.append(
             f"{r['round']:>5} {r['attacks']:>8} {r['successful_attacks']:>10} "
@@ -69,7 +72,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     last = summary["rounds"][-1]["by_category"] if summary["rounds"] else {}
     worst = sorted(last.items(), key=lambda kv: -kv[1]["rate"])[:5]
     if worst:
-        lines.append("worst categories (last round): " + ", ".join(
-            f"{c} {100 * s['rate']:.0f}% ({s['failed']}/{s['prompts']})" for c, s in worst
-        ))  # fmt: skip
+        shares = [f"{c} {100 * s['rate']:.0f}% ({s['failed']}/{s['prompts']})" for c, s in worst]
+        lines.append("worst categories (last round): " + ", ".join(shares))
     return lines

@@ -36,7 +36,6 @@ import logging
 from typing import Any
 
 from selfmoa_ray.config import Config, ModelSection
-from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.layout import BASELINE, CALIBRATION, POLICY, Iteration
 from selfmoa_ray.recipes.acceptance import check_policy
 from selfmoa_ray.recipes.steps import Steps, human_items, stage_done, track_policy
@@ -65,38 +64,34 @@ def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
     ``run.recipe: combined``: Self-MOA pairs plus PT-ALIGN's token-level unlikelihood on the
     harmful spans of each unsafe rejected answer (weight ``train.unlikelihood_alpha``).
     """
-    combined = config.run.recipe == "combined"
     tracker = make_tracker(config.tracking, run.root, config.run.name)
     try:
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
-        stage_done(
-            run, calibrate(run, stage="calibrate", out=CALIBRATION, config=config), "calibrate"
-        )
+        calibrated = calibrate(run, stage="calibrate", out=CALIBRATION, config=config)
+        stage_done(run, calibrated, "calibrate")
         if config.loop.validation_prompts:
             stage_done(run, validation(run, config), "validation")
         track_policy(tracker, run, 0, BASELINE)
         policy, accepted = config.policy, BASELINE
-        state: dict[str, Any] = {"recipe": config.run.recipe}
+        state: dict[str, Any] = {"recipe": config.run.recipe, "safety_gains": {}}
         state.update(iterations_planned=config.loop.iterations, iterations_done=0)
-        state.update(stopped_early=False, stop_reason=None, safety_gains={})
-        for t in range(1, config.loop.iterations + 1):
-            trained = run_iteration(config, run, Iteration(t), policy, combined=combined)
-            state["iterations_done"] = t
+        state.update(stopped_early=False, stop_reason=None)
+        for it in map(Iteration, range(1, config.loop.iterations + 1)):
+            trained = run_iteration(config, run, it, policy)
+            state["iterations_done"] = it.t
             if isinstance(trained, str):
                 state.update(stopped_early=True, stop_reason=trained)
                 break
-            name = Iteration(t).name
-            track_policy(tracker, run, t, name)
-            reason, gain = check_policy(run, name, accepted, t, config)
-            state["safety_gains"][name] = {"since": accepted, **gain}
+            track_policy(tracker, run, it.t, it.name)
+            reason, gain = check_policy(run, it.name, accepted, it.t, config)
+            state["safety_gains"][it.name] = {"since": accepted, **gain}
             if reason:
-                state.update(stopped_early=t < config.loop.iterations, stop_reason=reason)
+                state.update(stopped_early=it.t < config.loop.iterations, stop_reason=reason)
                 break
-            policy, accepted = trained, name
+            policy, accepted = trained, it.name
         # The policy a user should take away: the last one that passed both checks.
-        state["final_policy"] = accepted
         final = run.path(accepted, POLICY) if accepted != BASELINE else config.policy.source
-        state["final_policy_path"] = str(final)
+        state.update(final_policy=accepted, final_policy_path=str(final))
         state["human_items"] = human_items(run, config)
         run.manifest["loop"] = state
         run.save()
@@ -105,44 +100,30 @@ def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
     return write_report(run.root)
 
 
-def run_iteration(
-    config: Config, run: RunDir, it: Iteration, policy: ModelSection, *, combined: bool = False
-) -> ModelSection | str:
-    """One iteration from policy M_{t-1}; returns M_t, or why the loop stops here: too few pairs
-    were kept, or training kept the start policy (no epoch improved the validation frontier, so
-    there is nothing new to evaluate)."""
-    steps, t, threshold = Steps(run, it), it.t, config.judge.unsafe_threshold
-    engine, seed, train_section = config.engine, config.run.seed + it.t, config.train
-    if combined:  # the unlikelihood term on the spans the "spans" stage marks
-        train_section = train_section.model_copy(update={"unlikelihood": True})
+def run_iteration(config: Config, run: RunDir, it: Iteration, policy: ModelSection) -> Any:
+    """One iteration from policy M_{t-1}; returns M_t (a ``ModelSection``), or why the loop stops
+    here: too few pairs were kept, or training kept the start policy (no epoch improved the
+    validation frontier, so there is nothing new to evaluate)."""
+    steps, t, unsafe = Steps(run, it), it.t, config.judge.unsafe_threshold
+    engine, seed = config.engine, config.run.seed + t
+    trainer = config.train  # the combined recipe adds the unlikelihood term on marked spans
+    combined = config.run.recipe == "combined"
+    trainer = trainer.model_copy(update={"unlikelihood": True}) if combined else trainer
     attack_round(config, run, it, policy, guided=True)
-    kept = steps("pairs", pairs, section=config.pairs, unsafe_threshold=threshold)["summary"]
-    needed = train_section.batch_size * train_section.num_workers
-    if kept["pairs"] < needed:
-        log.warning(
-            "iteration %d kept %d pairs, fewer than one batch (%d)", t, kept["pairs"], needed
-        )
+    kept = steps("pairs", pairs, section=config.pairs, unsafe_threshold=unsafe)["summary"]["pairs"]
+    if kept < trainer.batch_size * trainer.num_workers:
+        log.warning("iteration %d kept %d pairs, fewer than one batch: stopping", t, kept)
         return f"too few pairs to train at {t}"
+    if combined:  # PT-ALIGN's harmful spans in unsafe rejected answers, for the unlikelihood term
+        marking = {"section": config.pt_align, "model": config.redteam.generator or policy}
+        steps("spans", mark_pairs, unsafe_threshold=unsafe, engine=engine, seed=seed, **marking)
     data = it.io("spans" if combined else "pairs")["out"]
-    if combined:  # PT-ALIGN's unlikelihood on the harmful spans of unsafe rejected answers
-        writer = config.redteam.generator or policy
-        steps(
-            "spans",
-            mark_pairs,
-            section=config.pt_align,
-            model=writer,
-            engine=engine,
-            seed=seed,
-            unsafe_threshold=threshold,
-        )
-    ref = policy if train_section.reference == "previous" else config.policy
-    steps("reference", reference, pairs=data, model=ref, engine=engine, train=train_section)
+    ref = policy if trainer.reference == "previous" else config.policy
+    steps("reference", reference, pairs=data, model=ref, engine=engine, train=trainer)
     held_back = read_validation(run)
-    trained = steps(
-        "train", train, model=policy, config=train_section, seed=seed, validation=held_back
-    )
-    if trained["summary"].get("kept_epoch") == 0:
-        trace = trained["summary"].get("validation_trace")
+    entry = steps("train", train, model=policy, config=trainer, validation=held_back, seed=seed)
+    if entry["summary"].get("kept_epoch") == 0:
+        trace = entry["summary"].get("validation_trace")
         return (
             f"training at iteration {t} kept its start policy: no epoch improved the validation "
             f"frontier (epoch:attacks/benign refused {trace})"
@@ -162,30 +143,17 @@ def attack_round(
     config: Config, run: RunDir, it: Iteration, policy: ModelSection, *, guided: bool
 ) -> dict[str, Any]:
     """Round ``it`` of targeted red-teaming: attacks aimed at the round before's successes,
-    ``policy``'s answers (and, when ``guided``, answers under ``sampling.guide``), their scores,
-    and the attacks that succeeded; returns the ``failures`` stage's summary. The loop's
-    iterations and the red-team-only recipe (recipes/redteam.py) share it."""
+    ``policy``'s answers (and, when ``guided``, answers under ``sampling.guide`` and
+    ``sampling.prefill``), their scores, and the attacks that succeeded; returns the ``failures``
+    stage's summary. The loop's iterations and the red-team-only recipe (recipes/redteam.py)
+    share it."""
     steps, s, t = Steps(run, it), config.sampling, it.t
     last = run.stage_summary(Iteration(t - 1).stage("failures")).get("by_category")
     writer = config.redteam.generator or policy
     steps("redteam", redteam, config=config, iteration=t, generator=writer, previous_rates=last)
-    params = SamplingParams(
-        n=s.n,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        max_new_tokens=s.max_new_tokens,
-        seed=config.run.seed + t,
-    )
-    guide = [m.model_dump() for m in s.guide or []] if guided else None
-    prefill = s.prefill if guided else None
-    steps(
-        "sample",
-        sample,
-        model=policy,
-        engine=config.engine,
-        sampling=params,
-        guide=guide,
-        prefill=prefill,
-    )
+    chat = [m.model_dump() for m in s.guide or []]
+    guide = {"guide": chat, "prefill": s.prefill} if guided else {}
+    params = s.params(seed=config.run.seed + t)
+    steps("sample", sample, model=policy, engine=config.engine, sampling=params, **guide)
     steps("judge", judge, config=config.judge, dtype=config.policy.dtype)
     return steps("failures", failures, unsafe_threshold=config.judge.unsafe_threshold)["summary"]
