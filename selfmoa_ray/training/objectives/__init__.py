@@ -9,6 +9,7 @@ the config finds it by name without importing torch (:func:`names`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import TYPE_CHECKING
@@ -19,14 +20,16 @@ if TYPE_CHECKING:
 _NOT_OBJECTIVES = {"base"}
 
 
+@functools.cache
 def names() -> list[str]:
-    """Every objective's name: the modules of this package (none is imported)."""
+    """Every objective's name: the modules of this package (none is imported), listed once."""
     found = (m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
     return sorted(set(found) - _NOT_OBJECTIVES)
 
 
+@functools.cache
 def get(name: str) -> Objective:
-    """The objective called ``name`` (a module of this package)."""
+    """The objective called ``name`` (a module of this package); the trainer asks every step."""
     if name not in names():
         raise ValueError(f"unknown loss {name!r}; one of {', '.join(names())}")
     return importlib.import_module(f"{__name__}.{name}").OBJECTIVE

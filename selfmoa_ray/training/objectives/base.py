@@ -15,6 +15,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from selfmoa_ray.config import TrainSection
+from selfmoa_ray.training.losses import sequence_logps
 
 # Pair rows, and the reference pass's log-probabilities of both sides
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")
@@ -65,8 +66,6 @@ def pair_logps(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(policy chosen, policy rejected, reference chosen, reference rejected) log-probs of each
     pair: summed over the response, or its mean per token when ``average``."""
-    from selfmoa_ray.training.losses import sequence_logps
-
     n = token_logps.shape[0] // 2
     logps = sequence_logps(token_logps, batch["response_mask"], average=average)
     suffix = "_avg" if average else ""
