@@ -120,7 +120,7 @@ def deploy(args: argparse.Namespace, key: str) -> str:
     from selfmoa_ray.ray_runtime import init_ray
     from serve_apps.evaluator import build_app
 
-    # Logical CPUs above the 2 physical ones (design.md 5.1): two replicas, proxy and controller.
+    # Logical CPUs above the 2 physical ones (docs/design.md 5.1): two replicas, proxy and controller.
     init_ray(
         RaySection(num_cpus=args.ray_cpus, include_dashboard=False),
         _node_ip_address="127.0.0.1",

@@ -12,21 +12,31 @@ selfmoa redteam --config demo --endpoint URL --endpoint-model NAME  # attack rou
 selfmoa serve --policy runs/demo                   # the aligned model and the judge over HTTP
 selfmoa train --config demo --pairs pairs.parquet  # one preference-optimisation step on your pairs
 selfmoa report runs/demo                           # rebuild report.html / metrics.json / metrics.csv
+
+Before a run folder is written or Ray starts, the command checks what the config names
+(preflight.py). Bad input ends in one ``selfmoa: error: ...`` message and exit code 2
+(``--debug`` or ``SELFMOA_DEBUG=1`` adds the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 
 from selfmoa_ray.config import Config, ConfigError, list_presets, load_config
 from selfmoa_ray.console import VERBOSE_ENV
-from selfmoa_ray.rundir import RunDir, RunDirError, default_run_root
+from selfmoa_ray.preflight import Check, check_config, judge_checks, run_checks
+from selfmoa_ray.rundir import RunDir, RunDirError, check_creatable, default_run_root
 
 RECIPE_CHOICES = ["selfmoa", "pt-align", "pt_align", "combined"]
+DEBUG_ENV = "SELFMOA_DEBUG"
+EXIT_BAD_INPUT = 2  # as argparse's own usage errors
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +94,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfmoa", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"show the traceback of an input error too (also ${DEBUG_ENV}=1)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="show presets and resolved configs")
@@ -160,13 +175,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return metadata.version("selfmoa-ray")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input (a config, file, model or missing package), reported in one
+    line; any other exception is a bug and keeps its traceback. Imported only once one is caught."""
+    from selfmoa_ray.report.collect import ReportError
+    from selfmoa_ray.report.tracking import TrackingError
+    from selfmoa_ray.sources.models import ModelSourceError
+    from selfmoa_ray.sources.packages import MissingDataPackageError
+
+    return (ConfigError, ValueError, FileNotFoundError, RunDirError, ModelSourceError,
+            MissingDataPackageError, TrackingError, ReportError)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, RunDirError, ValueError, FileNotFoundError) as err:
+    except Exception as err:
+        if not isinstance(err, _input_errors()):
+            raise
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
         print(f"selfmoa: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -177,9 +215,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(load_config(args.config, args.overrides).to_yaml(), end="")
         return 0
     if args.command == "models":
-        from selfmoa_ray.sources.models import resolve_model
+        from selfmoa_ray.sources.models import prepare_model
 
-        print(resolve_model(args.spec).path)
+        print(prepare_model(args.spec))
         return 0
     if args.command == "prompts":
         return _list_prompts()
@@ -196,7 +234,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("evaluate", "audit"):
         overrides = [*args.overrides, *_target_overrides(args)]
         if args.prompts:
-            overrides.append(f"data.eval_files={[str(Path(p).resolve()) for p in args.prompts]}")
+            overrides.append(f"data.eval_files={[_absolute_spec(p) for p in args.prompts]}")
         config = load_config(args.config, overrides)
         return _evaluate(config, args.output_dir, args.resume, verbose=args.verbose)
     if args.command == "redteam":
@@ -208,6 +246,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from serve_apps.launch import serve_command
 
+        _check_serve(args)
         return serve_command(args)
     if args.command == "report":
         return _report(Path(args.run_dir))
@@ -215,6 +254,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         return _train(config, Path(args.pairs), args.output_dir, args.resume, verbose=args.verbose)
     raise AssertionError(args.command)
+
+
+def _absolute_spec(spec: str) -> str:
+    """A prompt spec whose path part is absolute (Ray workers do not share the CLI's directory);
+    an ``hf:`` repo id stays as it is."""
+    prefix, rest = "", spec
+    if spec.startswith(("file:", "hf:")):
+        prefix, rest = spec.split(":", 1)[0] + ":", spec.split(":", 1)[1]
+        if prefix == "hf:" and not rest.startswith((".", "/", "~")):
+            return spec
+    return prefix + str(Path(rest).expanduser().resolve())
 
 
 def _list_prompts() -> int:
@@ -272,6 +322,7 @@ def _run(
     *,
     verbose: bool = False,
 ) -> int:
+    check_config(config, "run")  # before the recipes' imports (torch, Ray: seconds)
     from selfmoa_ray.recipes.compare import RECIPES, check_recipes
     from selfmoa_ray.report.tables import print_before_after
 
@@ -298,12 +349,21 @@ def _compare(
     *,
     verbose: bool = False,
 ) -> int:
-    from selfmoa_ray.recipes.compare import check_recipes, comparison_table, run_comparison
+    check_config(config, "compare")  # before the recipes' imports (torch, Ray: seconds)
+    from selfmoa_ray.recipes.compare import (
+        check_recipes,
+        comparison_table,
+        recipe_name,
+        run_comparison,
+        with_recipe,
+    )
 
     check_recipes(config, recipes)
     root = Path(output_dir) if output_dir else default_run_root(config).with_name(
         f"{config.run.name}-compare"
     )  # fmt: skip
+    for name in recipes:  # the recipes' run folders are made inside Ray: check them before it
+        check_creatable(root / recipe_name(name), with_recipe(config, name), resume=resume)
     with _session(config, root, verbose):
         rows = run_comparison(config, root, recipes, resume=resume)
     print("\n" + comparison_table(rows))
@@ -311,8 +371,10 @@ def _compare(
     return 0
 
 
-def _check_target(config: Config) -> None:
-    """An endpoint that cannot answer fails here, before a run folder or Ray exists."""
+def _check_target(config: Config, command: str) -> None:
+    """What the config names (preflight.py), then an endpoint that cannot answer, fail here,
+    before a run folder or Ray exists."""
+    check_config(config, command)
     if config.policy.endpoint:
         from selfmoa_ray.engines.endpoint import check_endpoint
 
@@ -322,12 +384,12 @@ def _check_target(config: Config) -> None:
 def _evaluate(
     config: Config, output_dir: str | None, resume: bool, *, verbose: bool = False
 ) -> int:
+    _check_target(config, "evaluate")  # before the stages' imports (torch, Ray: seconds)
     import pyarrow.parquet as pq
 
     from selfmoa_ray.report.tables import print_examples, print_metrics
     from selfmoa_ray.stages.evaluate import evaluate_policy
 
-    _check_target(config)
     run = _run_dir(config, output_dir, resume)
     with _session(config, run.root, verbose):
         summary = evaluate_policy(run, config, config.policy, name="baseline")["summary"]
@@ -339,15 +401,47 @@ def _evaluate(
 
 
 def _redteam(config: Config, output_dir: str | None, resume: bool, *, verbose: bool = False) -> int:
+    _check_target(config, "redteam")  # before the recipe's imports (torch, Ray: seconds)
     from selfmoa_ray.recipes.redteam import SUMMARY, run_redteam, summary_lines
 
-    _check_target(config)
     run = _run_dir(config, output_dir, resume)
     with _session(config, run.root, verbose):
         summary = run_redteam(config, run)
     print("\n" + "\n".join(summary_lines(summary)))
     print(f"\nsummary: {run.path(SUMMARY)}\nrun folder: {run.root}")
     return 0
+
+
+def _check_serve(args: argparse.Namespace) -> None:
+    """The served policy's model and the judge's models (preflight.py), before Ray starts. What
+    the Serve config or an app's arguments get wrong is left to ``serve_command``, which reports
+    it as before."""
+    from selfmoa_ray.sources.models import check_model
+    from serve_apps import evaluator, policy
+    from serve_apps.launch import (
+        EVALUATOR_APP,
+        POLICY_APP,
+        LaunchError,
+        apply_overrides,
+        load_serve_config,
+    )
+
+    try:
+        serve_config = apply_overrides(load_serve_config(args.config), args)
+    except LaunchError:
+        return
+    checks: list[Check] = []
+    for app in serve_config["applications"]:
+        where = f"serve application {app.get('name')!r}"
+        try:
+            if app.get("import_path") == POLICY_APP:
+                spec = policy.resolve_args(app.get("args"))[1].spec
+                checks.append((f"{where} model", lambda spec=spec: check_model(spec)))
+            elif app.get("import_path") == EVALUATOR_APP:
+                checks += judge_checks(evaluator.resolve_args(app.get("args"))[1], f"{where} judge")
+        except ValueError:  # ConfigError, PolicySourceError, pydantic's ValidationError
+            continue
+    run_checks(checks)
 
 
 def _report(root: Path) -> int:
@@ -363,6 +457,7 @@ def _report(root: Path) -> int:
 def _train(
     config: Config, pairs: Path, output_dir: str | None, resume: bool, *, verbose: bool = False
 ) -> int:
+    check_config(config, "train")  # before the training imports (torch, Ray: seconds)
     from selfmoa_ray.recipes.train_file import POLICY, train_on_file, validate_pairs_file
 
     if not resume:

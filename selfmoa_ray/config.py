@@ -1,6 +1,6 @@
 """Typed run configuration: YAML presets validated by pydantic, with dotted command-line overrides.
 
-Every number of the method (design.md section 2) is a default here, never a constant in code. A
+Every number of the method (docs/design.md section 2) is a default here, never a constant in code. A
 config is built in three steps, each of which can fail with a :class:`ConfigError` that names the
 offending key before any work starts:
 
@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from selfmoa_ray.precision import Dtype, Precision
 
@@ -62,7 +71,7 @@ class RaySection(Section):
     # None starts an embedded local Ray; "auto" or "ray://host:port" joins a cluster.
     address: str | None = None
     # Logical CPUs for an embedded Ray. Above the physical count lets Train workers, Data actors and
-    # Serve replicas with fractional CPUs share a 2-core machine without deadlocking (design.md 5.1).
+    # Serve replicas with fractional CPUs share a 2-core machine without deadlocking (docs/design.md 5.1).
     num_cpus: float | None = None
     # The dashboard (bound to 127.0.0.1) also serves Ray's state API, which Ray Train's placement
     # group cleaner polls every second; without it, training logs a warning per poll. None (Ray's
@@ -133,7 +142,7 @@ class ChatMessage(Section):
 
 
 class SamplingSection(Section):
-    """Policy sampling (design.md 2.1 step 2: k answers per prompt)."""
+    """Policy sampling (docs/design.md 2.1 step 2: k answers per prompt)."""
 
     n: int = Field(4, ge=1, description="k responses per prompt")
     temperature: float = Field(0.8, ge=0)
@@ -173,7 +182,8 @@ class DataSection(Section):
     seeds: list[str] = ["advbench", "airt", "donotanswer"]
     eval_harmful: list[str] = ["harmbench"]
     eval_benign: list[str] = ["overrefusal"]
-    # User prompt files evaluated beside the held-out sets, grouped by their rows' split ("user").
+    # User prompt files (or hf: datasets) evaluated beside the held-out sets, grouped by their
+    # rows' split ("user"). Every list takes source names, file:<path> and hf: specs (prompts.py).
     eval_files: list[str] = []
     max_eval_prompts: int | None = Field(None, ge=1, description="per eval set; None = all")
 
@@ -183,6 +193,17 @@ class DataSection(Section):
         if leaked:
             raise ValueError(f"evaluation sets must not be used as seeds: {sorted(leaked)}")
         return self
+
+    @field_validator("seeds", "eval_harmful", "eval_benign", "eval_files")
+    @classmethod
+    def _hf_spec_syntax(cls, specs: list[str]) -> list[str]:
+        """An ``hf:`` spec's syntax fails here, at load; whether it is cached, when it is read."""
+        if any(spec.startswith("hf:") for spec in specs):
+            from selfmoa_ray.sources.hf_datasets import HF_PREFIX, parse_hf_spec
+
+            for spec in (s for s in specs if s.startswith(HF_PREFIX)):
+                parse_hf_spec(spec)
+        return specs
 
 
 class DedupSection(Section):
@@ -194,7 +215,7 @@ class DedupSection(Section):
 
 
 class RedteamSection(Section):
-    """Targeted attack generation (design.md 2.1 step 1)."""
+    """Targeted attack generation (docs/design.md 2.1 step 1)."""
 
     generator: ModelSection | None = None  # None: the current policy writes its own attacks
     num_prompts: int = Field(1000, ge=1)
@@ -270,7 +291,7 @@ class RedteamSection(Section):
 
 
 class PTAlignSection(Section):
-    """PT-ALIGN data generation from a small human-seed file (design.md 2.2)."""
+    """PT-ALIGN data generation from a small human-seed file (docs/design.md 2.2)."""
 
     # "packaged" (selfmoa_ray/sources/pt_align_seeds.yaml) or a path to your own seed YAML.
     seeds: str = "packaged"
@@ -354,20 +375,160 @@ class PTAlignSection(Section):
         return self
 
 
-EvaluatorKind = Literal["refusal", "probe", "llama_guard", "reward_model", "rubric"]
+EvaluatorKind = Literal[
+    "refusal", "probe", "llama_guard", "reward_model", "rubric", "python", "endpoint"
+]
 _MODEL_BACKED: frozenset[str] = frozenset({"llama_guard", "reward_model", "rubric"})
+# Keys that only some kinds take (every kind takes kind, name, model and weight).
+_KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "rubric": ("template",),
+    "python": ("path", "options"),
+    "endpoint": ("mode", "base_url", "model", "api_key_env", "template", "max_tokens",
+                 "timeout_s", "concurrency", "max_retries"),
+}  # fmt: skip
+_ONLY_SOME_KINDS = frozenset(k for keys in _KIND_KEYS.values() for k in keys) - {"model"}
+# Prefixes taken by the judge's own columns (``vote_<labeler>``, ``judge_refusal_score``).
+_RESERVED_NAMES = frozenset({"vote", "judge"})
 
 
 class EvaluatorSection(Section):
+    """One evaluator of a judge; its columns are prefixed with its name (``name``, else its kind)."""
+
     kind: EvaluatorKind
+    name: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_]{0,39}$",
+        description="the evaluator's name, its columns' prefix (default: its kind); needed to "
+        "tell two evaluators of one kind apart",
+    )
     model: str | None = None
     weight: float = Field(1.0, ge=0)
+    template: str | None = Field(
+        None,
+        description="rubric and endpoint chat: the judge's prompt, inline text with {prompt} and "
+        "{response} slots or the path of a file holding it (read at load); default: "
+        "evaluators/templates/rubric.txt (evaluators/rubric_template.py says what a template "
+        "may ask for)",
+    )
+    path: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*[.:][A-Za-z_]\w*$",
+        description="python: the judge's class, 'package.module:Class' or 'package.module.Class' "
+        "(evaluators/python_judge.py has the contract)",
+    )
+    options: dict[str, Any] | None = Field(
+        None, description="python: keyword arguments the class is constructed with"
+    )
+    mode: Literal["chat", "moderation"] | None = Field(
+        None,
+        description="endpoint: chat (a chat model answers the rubric template) or moderation "
+        "(POST {base_url}/moderations; safety = 1 - the highest category score)",
+    )
+    base_url: str | None = Field(
+        None, pattern=r"^https?://\S+$", description="endpoint: the API root, e.g. .../v1"
+    )
+    # The key itself never goes in a config file: only the name of the variable that holds it.
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="endpoint: environment variable with the API key; null: none"
+    )
+    max_tokens: int = Field(64, ge=1, description="endpoint chat: most tokens of a judge's answer")
+    timeout_s: float = Field(60.0, gt=0, description="endpoint: seconds per request")
+    concurrency: int = Field(4, ge=1, description="endpoint: requests in flight per judge actor")
+    max_retries: int = Field(
+        3, ge=0, description="endpoint: retries on connection errors, 408/409/429/5xx, with backoff"
+    )
+
+    @property
+    def label(self) -> str:
+        """The evaluator's name: its columns' prefix and its weight's key."""
+        return self.name or self.kind
+
+    @property
+    def grader(self) -> str:
+        """What it judges with, whatever its name: two of one grader are one judge (the audit
+        judge must not share one with the training judge)."""
+        if self.kind == "python":
+            return f"{self.path} {json.dumps(self.options or {}, sort_keys=True, default=str)}"
+        if self.kind == "endpoint":
+            return f"{self.mode} {self.model or 'default'} at {self.base_url}"
+        return self.model or "train"
+
+    @field_validator("template")
+    @classmethod
+    def _template_text(cls, value: str | None) -> str | None:
+        from selfmoa_ray.evaluators.rubric_template import resolve_template
+
+        return None if value is None else resolve_template(value)
 
     @model_validator(mode="after")
     def _model_when_needed(self) -> EvaluatorSection:
         if self.kind in _MODEL_BACKED and not self.model:
             raise ValueError(f"evaluator kind {self.kind!r} needs a 'model'")
         return self
+
+    @model_validator(mode="after")
+    def _keys_of_its_kind(self) -> EvaluatorSection:
+        """Keys set for another kind are errors, not silently ignored."""
+        takes = _KIND_KEYS.get(self.kind, ())
+        stray = sorted(k for k in self.model_fields_set & _ONLY_SOME_KINDS if k not in takes)
+        if stray:
+            kinds = {
+                k: sorted(kind for kind, keys in _KIND_KEYS.items() if k in keys) for k in stray
+            }
+            detail = "; ".join(f"{k!r} is for kind {' or '.join(v)}" for k, v in kinds.items())
+            raise ValueError(f"evaluator {self.label!r} (kind {self.kind}): {detail}")
+        if self.name is not None and self.name != self.kind:
+            other_kinds = set(get_args(EvaluatorKind)) - {self.kind}
+            if self.name in other_kinds | _RESERVED_NAMES:
+                raise ValueError(
+                    f"evaluator name {self.name!r} is taken (by a kind, or by the judge's own "
+                    f"columns); reserved: {', '.join(sorted(other_kinds | _RESERVED_NAMES))}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _python_judge(self) -> EvaluatorSection:
+        """Import a python judge's class now: a bad path fails at load, not in a Ray actor."""
+        if self.kind != "python":
+            return self
+        if self.path is None:
+            raise ValueError("evaluator kind 'python' needs a 'path': 'package.module:Class'")
+        from selfmoa_ray.evaluators.python_judge import check_options, load_class
+
+        check_options(load_class(self.path), self.options or {}, self.path)
+        return self
+
+    @model_validator(mode="after")
+    def _endpoint_judge(self) -> EvaluatorSection:
+        if self.kind != "endpoint":
+            return self
+        missing = [k for k in ("mode", "base_url") if getattr(self, k) is None]
+        if self.mode == "chat" and not self.model:
+            missing.append("model")
+        if missing:
+            raise ValueError(
+                f"evaluator {self.label!r} (kind endpoint) needs {', '.join(missing)} (mode: "
+                "chat with a model, or moderation; base_url: the API root, e.g. .../v1)"
+            )
+        if self.mode == "moderation" and self.template is not None:
+            raise ValueError(
+                f"evaluator {self.label!r}: a template is for mode chat; moderation sends the "
+                "response as it is"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_its_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the keys its kind takes, and a name only when given: an evaluator of the first
+        kinds dumps as it always did (same config fingerprint, same calibration cache key)."""
+        data = handler(self)
+        takes = _KIND_KEYS.get(self.kind, ())
+        for key in _ONLY_SOME_KINDS:
+            if key not in takes or (data.get(key) is None and key != "api_key_env"):
+                data.pop(key, None)
+        if self.name is None:
+            data.pop("name", None)
+        return data
 
 
 class JudgeSection(Section):
@@ -388,6 +549,19 @@ class JudgeSection(Section):
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(0.5, ge=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> JudgeSection:
+        """Columns and weights are keyed by evaluator name: two of one name would overwrite."""
+        seen: dict[str, int] = {}
+        for i, evaluator in enumerate(self.evaluators):
+            if evaluator.label in seen:
+                raise ValueError(
+                    f"evaluators {seen[evaluator.label]} and {i} are both named "
+                    f"{evaluator.label!r}: give each its own 'name' (its columns' prefix)"
+                )
+            seen[evaluator.label] = i
+        return self
 
 
 class PairsSection(Section):
@@ -589,7 +763,7 @@ class TrackingSection(Section):
 
 
 class Config(Section):
-    """One run of selfmoa-ray. Sections mirror the stages of design.md section 3."""
+    """One run of selfmoa-ray. Sections mirror the stages of docs/design.md section 3."""
 
     run: RunSection = RunSection()
     ray: RaySection = RaySection()
@@ -629,7 +803,7 @@ class Config(Section):
         learnt from. The refusal matcher learns nothing and may sit in both."""
 
         def trained(judge: JudgeSection) -> set[tuple[str, str]]:
-            return {(e.kind, e.model or "train") for e in judge.evaluators if e.kind != "refusal"}
+            return {(e.kind, e.grader) for e in judge.evaluators if e.kind != "refusal"}
 
         shared = trained(self.judge) & trained(self.evaluate.judge)
         if shared:

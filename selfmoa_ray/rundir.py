@@ -176,20 +176,9 @@ class RunDir:
         with a new one by accident. With ``resume`` the config must match the stored one.
         """
         root = Path(root)
-        manifest_path = root / MANIFEST
-        if manifest_path.exists():
-            if not resume:
-                raise RunDirError(
-                    f"{root} already holds a run; pass --resume to continue it, "
-                    "or choose another run.output_dir / run.name"
-                )
+        check_creatable(root, config, resume=resume)
+        if (root / MANIFEST).exists():
             run = cls.open(root)
-            stored = run.manifest["config_fingerprint"]
-            if stored != config.fingerprint():
-                raise RunDirError(
-                    f"cannot resume {root}: its config ({stored}) differs from this one "
-                    f"({config.fingerprint()}); see {root / 'config.yaml'}"
-                )
             run.sweep_temporaries()
             run.manifest["resumed"].append(_now())
             run.save()
@@ -299,6 +288,26 @@ class RunDir:
         )
         self.save()
         return entry
+
+
+def check_creatable(root: str | os.PathLike[str], config: Config, *, resume: bool) -> None:
+    """Raise the ``RunDirError`` that ``RunDir.create(root, config, resume=resume)`` would, and
+    write nothing: callers that create their run folders later (``compare``, inside Ray) check
+    them before starting it."""
+    root = Path(root)
+    if not (root / MANIFEST).exists():
+        return
+    if not resume:
+        raise RunDirError(
+            f"{root} already holds a run; pass --resume to continue it, "
+            "or choose another run.output_dir / run.name"
+        )
+    stored = RunDir.open(root).manifest["config_fingerprint"]
+    if stored != config.fingerprint():
+        raise RunDirError(
+            f"cannot resume {root}: its config ({stored}) differs from this one "
+            f"({config.fingerprint()}); see {root / 'config.yaml'}"
+        )
 
 
 def default_run_root(config: Config) -> Path:

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 MANIFEST = "manifest.json"  # the run folder's record of config, stages and summaries
 
-# Splits of the red team's prompts (prompts.parquet, design.md 2.1 step 1)
+# Splits of the red team's prompts (prompts.parquet, docs/design.md 2.1 step 1)
 REDTEAM_SPLIT = "redteam"  # an attack
 BENIGN_SPLIT = "benign"  # a benign-but-sensitive prompt the red team mixes in: not an attack
 

@@ -14,9 +14,11 @@ configuration file, the server does not start with its lines as keys.
 Both may be set; the union is accepted, so keys can be rotated by adding the new key, moving
 clients over, then removing the old one. Clients send ``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>``. Every presented key is hashed and compared with every configured key with
-``hmac.compare_digest`` (no early exit, no length leak). A failure is a 401 with a JSON error (code
-``missing_api_key`` or ``invalid_api_key``) and a ``WWW-Authenticate`` header; the presented key is
-never logged or echoed.
+``hmac.compare_digest`` (no early exit, no length leak). A failure is a 401 in OpenAI's error shape
+(``type: invalid_request_error``, as the OpenAI API answers a bad key; ``code: missing_api_key`` or
+``invalid_api_key``) with a ``WWW-Authenticate`` header; the presented key is never logged or
+echoed. ``APIKeyAuth.dependency()`` enforces keys on FastAPI routes; ``APIKeyAuth.refusal()`` with
+``presented_key()`` does the same for any ASGI app (``gate.py``).
 
 With no key configured the app refuses to start, unless ``allow_unauthenticated=True`` is passed
 explicitly (local development only).
@@ -54,7 +56,7 @@ class AuthConfigError(RuntimeError):
 
 
 class Unauthorized(HTTPException):
-    """401 with OpenAI's machine-readable ``code``."""
+    """401 with a machine-readable ``code`` (OpenAI's ``invalid_api_key``, or ``missing_api_key``)."""
 
     def __init__(self, message: str, code: str):
         super().__init__(401, message, headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'})
@@ -155,6 +157,16 @@ class APIKeyAuth:
             ok |= hmac.compare_digest(digest, expected)
         return ok
 
+    def refusal(self, presented: str | None) -> Unauthorized | None:
+        """The 401 to answer a request that presented ``presented`` (None: let it through)."""
+        if not self.enabled:
+            return None
+        if not presented:
+            return Unauthorized(MISSING_KEY_MESSAGE, "missing_api_key")
+        if not self.check(presented):
+            return Unauthorized("Incorrect API key provided.", "invalid_api_key")
+        return None
+
     def dependency(self) -> Callable[..., Coroutine[Any, Any, None]]:
         """A FastAPI dependency: ``dependencies=[Depends(auth.dependency())]``.
 
@@ -174,12 +186,24 @@ class APIKeyAuth:
             credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
             api_key: Annotated[str | None, Security(header)],
         ) -> None:
-            if not self.enabled:
-                return
             presented = credentials.credentials if credentials is not None else api_key
-            if not presented:
-                raise Unauthorized(MISSING_KEY_MESSAGE, "missing_api_key")
-            if not self.check(presented):
-                raise Unauthorized("invalid API key", "invalid_api_key")
+            refused = self.refusal(presented)
+            if refused is not None:
+                raise refused
 
         return require_api_key
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key an ASGI request presents (raw headers): ``Authorization: Bearer <key>`` first, as
+    the FastAPI dependency reads it, else ``X-API-Key``."""
+    bearer = api_key = None
+    for name, value in headers:
+        name = name.lower()
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                bearer = token.strip()
+        elif name == API_KEY_HEADER.lower().encode():
+            api_key = value.decode("latin-1").strip() or None
+    return bearer or api_key

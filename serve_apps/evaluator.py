@@ -4,12 +4,15 @@ Endpoints (FastAPI ingress; the OpenAPI document at ``/openapi.json``, ``/docs``
 
 * ``POST /v1/evaluate``: a batch of (prompt, response) items -> safety, refusal, helpfulness and
   each evaluator's own columns, per item;
-* ``POST /v1/moderate``: one prompt, one response, or both -> one result;
+* ``POST /v1/moderations``: OpenAI's moderation API, for OpenAI clients (``moderation.py``);
+* ``POST /v1/moderate``: ours: one prompt, one response, or both -> one result with the judge's
+  own quantities;
 * ``GET /v1/stats``: this replica's request and batch counters;
 * ``GET /healthz``: liveness of the replica (no auth).
 
-Every ``/v1`` route needs an API key (``serve_apps/auth.py``). Size limits give 413, malformed
-requests 422, work over ``request_timeout_s`` 504 (``serve_apps/limits.py``); requests beyond
+Every ``/v1`` route needs an API key (``serve_apps/auth.py``). Every error is in OpenAI's shape
+(``errors.py``): an invalid request (malformed, or over a limit) is a 400, a body over the cap 413,
+work over ``request_timeout_s`` 504 (``serve_apps/limits.py``); requests beyond
 ``max_ongoing_requests`` per replica wait in Serve's queue up to ``max_queued_requests``, and the
 rest are shed by Serve with 503 instead of queueing without bound.
 
@@ -46,14 +49,10 @@ from ray.serve.exceptions import RayServeException
 
 from selfmoa_ray.config import JudgeSection, load_config
 from selfmoa_ray.evaluators.composite import CompositeJudge
+from serve_apps import moderation
 from serve_apps.auth import APIKeyAuth
-from serve_apps.limits import (
-    OVERLOADED_DOC,
-    UNREADABLE_BODY,
-    error_doc,
-    limited_app,
-    run_with_timeout,
-)
+from serve_apps.errors import error_doc, json_error, quoted
+from serve_apps.limits import OVERLOADED_DOC, UNREADABLE_BODY, limited_app, run_with_timeout
 
 logger = logging.getLogger("ray.serve")
 
@@ -76,10 +75,15 @@ class EvaluatorAppArgs(BaseModel):
         default_factory=list, description="dotted config overrides, e.g. judge.unsafe_threshold=0.4"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Limits (413 when over).
-    max_batch_items: int = Field(64, ge=1, le=10_000, description="items per /v1/evaluate request")
+    # Limits (400 when over, as OpenAI's; 413 for the body's size).
+    max_batch_items: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="items per /v1/evaluate request, inputs per /v1/moderations",
+    )
     max_chars: int = Field(8_000, ge=1, le=1_000_000, description="characters per prompt/response")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size (413 above)")
     request_timeout_s: float = Field(30.0, gt=0, description="scoring time per request (504)")
     # Dynamic batching.
     batching: bool = Field(True, description="false: score each request alone (for comparisons)")
@@ -195,12 +199,22 @@ class StatsResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: error_doc(UNREADABLE_BODY),
-    401: error_doc("missing or invalid API key"),
-    413: error_doc("body, item count or text length over the limit"),
-    422: error_doc("malformed JSON or wrong fields"),
+    400: error_doc(
+        "an invalid request (invalid_request_error): malformed JSON, missing, unknown or wrong "
+        "fields, an item count or text length over the limit (code e.g. "
+        f"array_above_max_length, param the field), or {UNREADABLE_BODY}"
+    ),
+    401: error_doc("missing or invalid API key (code missing_api_key or invalid_api_key)"),
+    413: error_doc("request body over max_body_bytes (code request_too_large)"),
     503: OVERLOADED_DOC,
-    504: error_doc("scoring took longer than the app's request timeout"),
+    504: error_doc("scoring took longer than the app's request timeout (code timeout)"),
+}
+MODERATIONS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    404: error_doc(
+        "another model than this judge's (code model_not_found), or a judge with no evaluator of "
+        "safety, which cannot moderate text (code moderation_unavailable)"
+    ),
 }
 
 
@@ -394,6 +408,10 @@ class EvaluatorDeployment:
         self.judge_section = JudgeSection.model_validate(judge)
         self.judge = CompositeJudge(self.judge_section.evaluators, dtype=s.dtype)
         self.judge_info = self._judge_info()
+        self.moderation = moderation.Categories(
+            self.judge_info.evaluators, self.judge_section.unsafe_threshold
+        )
+        self.moderation_model = moderation.model_name(s.judge_config)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._lock = asyncio.Lock()
         self._coalescer = _Coalescer(self._run_batch, self._lock, s.max_batch_size)
@@ -534,12 +552,44 @@ class EvaluatorDeployment:
                 results.append({"id": item.id, **row})
             return {"results": results, "judge": self.judge_info}
 
+        moderations_request = moderation.request_model(s.max_batch_items, s.max_chars)
+
+        @app.post(
+            "/v1/moderations",
+            response_model=moderation.ModerationsResponse,
+            dependencies=auth,
+            responses=MODERATIONS_RESPONSES,
+            summary="OpenAI's moderation API: each input judged as a model's response",
+        )
+        async def moderations(body: moderations_request) -> Any:  # type: ignore[valid-type]
+            model = body.model  # type: ignore[attr-defined]
+            if model is not None and model != self.moderation_model:
+                return json_error(
+                    404,
+                    f"the model {quoted(model)} does not exist; this server's "
+                    f"moderation model is {self.moderation_model!r}",
+                    code="model_not_found",
+                    param="model",
+                )
+            if not self.moderation.available:
+                return json_error(
+                    404,
+                    f"the judge {self.judge_info.config!r} has no evaluator of safety (probe, "
+                    "llama_guard, ...), so it cannot moderate text; use /v1/evaluate",
+                    code="moderation_unavailable",
+                )
+            texts = body.input  # type: ignore[attr-defined]
+            texts = [texts] if isinstance(texts, str) else texts
+            rows = await self.score_items([("", text) for text in texts])
+            results = [self.moderation.result(row) for row in rows]
+            return moderation.response(self.moderation_model, results)
+
         @app.post(
             "/v1/moderate",
             response_model=ModerateResponse,
             dependencies=auth,
             responses=ERROR_RESPONSES,
-            summary="Moderate one prompt, one response, or a (prompt, response) pair",
+            summary="Ours: moderate one prompt, one response, or a (prompt, response) pair",
         )
         async def moderate(body: moderate_request) -> dict[str, Any]:  # type: ignore[valid-type]
             prompt, response = body.prompt, body.response  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ It loads ``serve_apps/serve_config.yaml`` (or ``--config FILE``), applies the fl
 (a bad model, run folder or judge config fails now, with exit 2), then deploys the config as
 ``serve run CONFIG`` does, prints the URLs and serves until SIGINT/SIGTERM, when it shuts Serve
 down and exits 0. Without ``--address`` it starts an embedded Ray (``--num-cpus`` logical CPUs,
-design.md 5.1); with ``--address auto`` it deploys to that cluster, where ``--no-block`` leaves
+docs/design.md 5.1); with ``--address auto`` it deploys to that cluster, where ``--no-block`` leaves
 the apps running after this process exits (``jobs/serve.py``).
 
 The cli wires it as ``add_serve_arguments(sub.add_parser("serve"))`` and ``serve_command(args)``.
@@ -63,7 +63,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-cpus", type=float, default=4.0,
         help="logical CPUs of the embedded Ray (default 4: above a small machine's cores, so the "
-        "replicas' fractional CPUs fit; design.md 5.1)",
+        "replicas' fractional CPUs fit; docs/design.md 5.1)",
     )  # fmt: skip
     parser.add_argument(
         "--allow-unauthenticated", action="store_true",
@@ -256,6 +256,7 @@ def describe(schema: Any) -> str:
                       f"    chat:            POST {root}{prefix}/v1/chat/completions"]  # fmt: skip
         elif app.import_path == EVALUATOR_APP:
             lines += [f"  {app.name}: judge {app.args.get('judge_config', 'demo')!r}",
+                      f"    OpenAI base_url: {root}{prefix}/v1 (moderations)",
                       f"    evaluate: POST {root}{prefix}/v1/evaluate",
                       f"    moderate: POST {root}{prefix}/v1/moderate"]  # fmt: skip
         else:

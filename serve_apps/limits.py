@@ -1,14 +1,11 @@
-"""Request limits and error responses for the Serve apps' FastAPI ingress.
+"""Request limits for the Serve apps' FastAPI ingress.
 
 * ``BodySizeLimitMiddleware``: a pure ASGI middleware that answers 413 before any parsing when
   ``Content-Length`` is over the limit, and otherwise counts the body as it streams in (chunked
   uploads, or a lying ``Content-Length``) and stops reading at the limit.
-* ``install_error_handlers``: every error is JSON of one shape,
-  ``{"error": {"type": ..., "message": ...}}``, never a stack trace. Validation errors list
-  ``loc``/``msg``/``type`` only (never the input, which may be large or sensitive); unexpected
-  exceptions are logged on the server and answered with a bare 500 ``internal_error``.
 * ``run_with_timeout``: bounds the work a request may take inside the replica; 504 when over.
-* ``limited_app``: a FastAPI app with all of the above and ``/healthz``, for each Serve app.
+* ``limited_app``: a FastAPI app with the above, OpenAI-shaped JSON errors (``errors.py``) and
+  ``/healthz``, for each Serve app.
 
 Errors a limit raises are ``HTTPException`` subclasses, so FastAPI passes them through its body
 parsing unchanged (it turns any other exception raised while reading the body into a 400).
@@ -18,37 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, Field
+from fastapi import FastAPI
+from pydantic import BeforeValidator, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-logger = logging.getLogger("ray.serve")
+from serve_apps.errors import error_body, install_error_handlers
 
 T = TypeVar("T")
-
-ERROR_TYPES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    411: "length_required",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "validation_error",
-    429: "too_many_requests",
-    500: "internal_error",
-    503: "overloaded",
-    504: "timeout",
-}
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -62,28 +39,6 @@ def json_int(**bounds: int) -> Any:
     bounds (``ge``, ``lt``...) published as ``minimum``/``exclusiveMaximum`` (they must come before
     the validator for pydantic to write them so)."""
     return Annotated[int, Field(**bounds), BeforeValidator(_integral_float_to_int)]
-
-
-# Pydantic error types that mean "too big" rather than "malformed": reported as 413.
-SIZE_ERROR_TYPES = frozenset({"too_long", "string_too_long", "bytes_too_long"})
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    code: str | None = None  # OpenAI's machine-readable code, where one applies
-    param: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every error body of both apps (and what the OpenAPI documents)."""
-
-    error: ErrorDetail
-
-
-def error_doc(description: str) -> dict[str, Any]:
-    """An OpenAPI ``responses`` entry for an error status."""
-    return {"model": ErrorResponse, "description": description}
 
 
 # FastAPI answers 400 for a body it cannot decode (not UTF-8), the middleware for a bad
@@ -105,34 +60,15 @@ OVERLOADED_DOC = {
 }
 
 
-def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"type": error_type, "message": message, **extra}}
-
-
-def json_error(
-    status_code: int,
-    message: str,
-    *,
-    error_type: str | None = None,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> JSONResponse:
-    error_type = error_type or ERROR_TYPES.get(status_code, "error")
-    return JSONResponse(
-        error_body(error_type, message, **extra), status_code=status_code, headers=headers
-    )
-
-
 class PayloadTooLarge(HTTPException):
-    """413; ``limit`` is reported to the client."""
+    """413 (code ``request_too_large``): the body is over the app's ``max_body_bytes``."""
 
-    def __init__(self, message: str, *, limit: int | None = None):
+    def __init__(self, message: str):
         super().__init__(status_code=413, detail=message)
-        self.limit = limit
 
 
 class RequestTimeout(HTTPException):
-    """504: the work for this request took longer than the app's timeout."""
+    """504 (code ``timeout``): the work for this request took longer than the app's timeout."""
 
     def __init__(self, timeout_s: float):
         super().__init__(status_code=504, detail=f"request took longer than {timeout_s:g} s")
@@ -178,9 +114,7 @@ class BodySizeLimitMiddleware:
         self.max_body_bytes = max_body_bytes
 
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"request body is larger than {self.max_body_bytes} bytes", limit=self.max_body_bytes
-        )
+        return PayloadTooLarge(f"request body is larger than {self.max_body_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -194,12 +128,10 @@ class BodySizeLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared < 0:
-                    await _send_json(send, 400, error_body("bad_request", "invalid Content-Length"))
+                    await _send_json(send, 400, error_body(400, "invalid Content-Length"))
                     return
                 if declared > limit:
-                    err = self._too_large()
-                    body = error_body("payload_too_large", err.detail, limit=limit)
-                    await _send_json(send, 413, body)
+                    await _send_json(send, 413, error_body(413, self._too_large().detail))
                     return
 
         received = 0
@@ -226,62 +158,32 @@ class BodySizeLimitMiddleware:
             # Normally the app's exception handler answers; this covers a body read outside it.
             if started:
                 raise
-            await _send_json(send, 413, error_body("payload_too_large", err.detail, limit=limit))
-
-
-# --------------------------------------------------------------------------- error handlers
-
-
-def _clean_errors(errors: Iterable[Any]) -> list[dict[str, Any]]:
-    """Validation errors without the offending input (it may be large or hold secrets)."""
-    out = []
-    for e in errors:
-        item = {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
-                "type": str(e.get("type", ""))}  # fmt: skip
-        out.append(item)
-    return out
-
-
-def _is_size_error(error: dict[str, Any]) -> bool:
-    return error["type"] in SIZE_ERROR_TYPES
-
-
-async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    extra: dict[str, Any] = {}
-    if isinstance(exc, PayloadTooLarge) and exc.limit is not None:
-        extra["limit"] = exc.limit
-    if isinstance(code := getattr(exc, "code", None), str):  # e.g. auth.Unauthorized
-        extra["code"] = code
-    message = exc.detail if isinstance(exc.detail, str) else "request failed"
-    return json_error(exc.status_code, message, headers=exc.headers, **extra)
-
-
-async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = _clean_errors(exc.errors())
-    if errors and all(_is_size_error(e) for e in errors):
-        return json_error(413, "request is over a size limit", errors=errors)
-    return json_error(422, "request is not valid", errors=errors)
-
-
-async def _internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    # Logged here with its traceback; the client only learns that something failed.
-    logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return json_error(500, "internal error")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """JSON errors of one shape for every failure, with no stack traces."""
-    app.add_exception_handler(HTTPException, _http_exception_handler)
-    app.add_exception_handler(RequestValidationError, _validation_handler)
-    app.add_exception_handler(Exception, _internal_error_handler)
+            await _send_json(send, 413, error_body(413, err.detail))
 
 
 def install_limits(app: FastAPI, *, max_body_bytes: int) -> None:
-    """The body-size middleware and the JSON error handlers."""
+    """The body-size middleware and the OpenAI-shaped JSON error handlers."""
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)
     install_error_handlers(app)
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """FastAPI lists a 422 for every route with a body; invalid requests are 400s here (as
+    OpenAI's, ``errors.py``), which each route documents: the 422s and their schemas go."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def limited_app(
@@ -305,6 +207,7 @@ def limited_app(
         openapi_url="/openapi.json" if openapi else None,
     )
     install_limits(app, max_body_bytes=max_body_bytes)
+    _document_400_not_422(app)
 
     @app.get("/healthz", summary="Liveness of this replica (no auth)")
     async def healthz() -> dict[str, str]:

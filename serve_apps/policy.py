@@ -16,10 +16,11 @@ Two backends:
 * ``hf`` (default; CPU or one GPU): one transformers model per replica. Generation runs in a
   worker thread, one request at a time per replica, so the event loop keeps accepting requests
   and answering health checks; streams come from ``AsyncTextIteratorStreamer``. API keys, size
-  limits and JSON errors as in the evaluator app (``auth.py``, ``limits.py``).
+  limits and OpenAI-shaped errors as in the evaluator app (``auth.py``, ``limits.py``,
+  ``errors.py``): an invalid request is a 400 ``invalid_request_error``, as OpenAI's.
 * ``vllm`` (GPU clusters): Ray Serve LLM's OpenAI app (``ray.serve.llm.build_openai_app``) on
-  vLLM engines, configured by :func:`vllm_llm_config`. That app is Ray's own: our key check,
-  limits and error shapes do not apply to it (``serve_apps/README.md``).
+  vLLM engines, configured by :func:`vllm_serving_args`, with our API-key gate as its ingress
+  (``gate.py``: the same keys, 401s and body limit). Its other routes and errors are Ray's.
 
 Run it: ``serve run serve_apps.policy:build_app model=tiny-random`` or, with the evaluator
 beside it, ``serve run serve_apps/serve_config.yaml`` / ``selfmoa serve``.
@@ -51,12 +52,12 @@ from ray.serve import Application
 from selfmoa_ray.engines.base import MIN_SAMPLING_TEMPERATURE, SamplingParams
 from selfmoa_ray.schema import MANIFEST
 from serve_apps.auth import APIKeyAuth
+from serve_apps.errors import error_body, error_doc, json_error, quoted
+from serve_apps.gate import GateArgs
 from serve_apps.limits import (
     OVERLOADED_DOC,
     UNREADABLE_BODY,
     RequestTimeout,
-    error_doc,
-    json_error,
     json_int,
     limited_app,
     run_with_timeout,
@@ -75,7 +76,6 @@ OWNER = "selfmoa"
 # many characters per generated token, so the bound is what keeps them cheap.
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 MAX_NAME_CHARS = 256  # a `model` name; error messages quote at most ECHO_CHARS of it
-ECHO_CHARS = 64
 # Seeds below 2**53: every such integer, and the bound, is exact in a JSON number that a client
 # parses as a double, so clients and the schema agree on which seeds are valid (schemathesis
 # found 2**63 + 190 taken for valid against a bound of 2**63).
@@ -105,15 +105,15 @@ class PolicyAppArgs(BaseModel):
     # Sampling defaults, for requests that leave them out.
     max_tokens: int = Field(128, ge=1, description="completion tokens when the request says none")
     max_tokens_limit: int = Field(
-        512, ge=1, description="most completion tokens a request may ask for (422 above)"
+        512, ge=1, description="most completion tokens a request may ask for (400 above)"
     )
     temperature: float = Field(1.0, ge=0, le=2, description="OpenAI's default; 0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    # Limits (413 when over, like the evaluator's).
+    # Limits (400 when over, as OpenAI's; 413 for the body's size).
     max_messages: int = Field(64, ge=1, le=10_000, description="messages per request")
     max_chars: int = Field(16_000, ge=1, le=1_000_000, description="characters per message part")
-    max_n: int = Field(4, ge=1, le=64, description="most choices per request (422 above)")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size")
+    max_n: int = Field(4, ge=1, le=64, description="most choices per request (400 above)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size (413 above)")
     request_timeout_s: float = Field(60.0, gt=0, description="wait + generation time (504)")
     # vLLM engine (backend: vllm only).
     max_model_len: int | None = Field(None, ge=64, description="vLLM context length")
@@ -288,14 +288,19 @@ class ModelList(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: error_doc(
-        f"prompt + max_tokens over the context, an unsupported feature, or {UNREADABLE_BODY}"
+        "an invalid request (invalid_request_error): malformed JSON, missing or wrong fields, a "
+        "value over its limit (max_tokens, n, message count or length; code e.g. "
+        "integer_above_max_value, param the field), prompt + max_tokens over the context "
+        f"(context_length_exceeded), an unsupported feature (unsupported_parameter), or "
+        f"{UNREADABLE_BODY}"
     ),
-    401: error_doc("missing or invalid API key"),
+    401: error_doc("missing or invalid API key (code missing_api_key or invalid_api_key)"),
     404: error_doc("no such model (code model_not_found)"),
-    413: error_doc("body, message count or message length over the limit"),
-    422: error_doc("malformed JSON, wrong fields, max_tokens or n over the limit"),
+    413: error_doc("request body over max_body_bytes (code request_too_large)"),
     503: OVERLOADED_DOC,
-    504: error_doc("waiting for the model plus generation took longer than the app's timeout"),
+    504: error_doc(
+        "waiting for the model plus generation took longer than the app's timeout (code timeout)"
+    ),
 }
 
 
@@ -310,7 +315,7 @@ def request_model(
 
     Fields OpenAI clients send that do not change the answer here (``user``, ``store``,
     ``metadata``, penalties...) are accepted and ignored; a few that would change it are refused
-    with 400 by :func:`_unsupported`.
+    with 400 by :func:`_unsupported`. Invalid requests are 400s in OpenAI's shape (``errors.py``).
     """
 
     # Strict types throughout: "4" is not an integer and true is not a number (4.0 is 4, as in
@@ -354,7 +359,7 @@ def request_model(
                         "temperature": 0.7,
                     }
                 ],
-                # Streams carry one choice (400 unsupported otherwise): said in the schema too.
+                # Streams carry one choice (400 otherwise): said in the schema too.
                 "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
                 "then": {"properties": {"n": {"const": 1}}},
             },
@@ -383,28 +388,27 @@ def request_model(
     return ChatCompletionRequest
 
 
-def _unsupported(body: BaseModel) -> str | None:
-    """Why the request asks for something this server would silently get wrong, if it does."""
+def _unsupported(body: BaseModel) -> tuple[str, str, str] | None:
+    """(message, param, code) when the request asks for something this server would silently
+    get wrong, with OpenAI's codes for an unsupported parameter or value."""
     extra = body.model_extra or {}
-    if extra.get("tools") or extra.get("functions"):
-        return "tools and function calling are not supported by this server"
+    for name in ("tools", "functions"):
+        if extra.get(name):
+            message = "tools and function calling are not supported by this server"
+            return message, name, "unsupported_parameter"
     if extra.get("logprobs"):
-        return "logprobs are not supported by this server"
+        return "logprobs are not supported by this server", "logprobs", "unsupported_value"
     response_format = extra.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
-        return "response_format other than text is not supported by this server"
+        message = "response_format other than text is not supported by this server"
+        return message, "response_format", "unsupported_value"
     if body.stream and body.n > 1:
-        return "stream supports n=1 only"
+        return "stream supports n=1 only", "n", "unsupported_value"
     return None
 
 
 def _stops(body: Any) -> list[str]:
     return body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
-
-
-def _quoted(value: str) -> str:
-    """``value`` as an error message may quote it: repr'd, and cut at ``ECHO_CHARS``."""
-    return repr(value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "...")
 
 
 def _text_of(content: str | list[Any]) -> str:
@@ -669,14 +673,15 @@ class PolicyDeployment:
         if body.model is not None and body.model != self.served_name:
             return json_error(
                 404,
-                f"the model {_quoted(body.model)} does not exist; this server serves "
+                f"the model {quoted(body.model)} does not exist; this server serves "
                 f"{self.served_name!r}",
                 code="model_not_found",
                 param="model",
             )
-        reason = _unsupported(body)
-        if reason:
-            return json_error(400, reason, code="unsupported")
+        unsupported = _unsupported(body)
+        if unsupported:
+            message, param, code = unsupported
+            return json_error(400, message, code=code, param=param)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
             for m in body.messages
@@ -728,10 +733,10 @@ class PolicyDeployment:
                     {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                 )
         except RequestTimeout as err:  # the 200 is sent: the error goes in the stream, as OpenAI's
-            yield _event({"error": {"type": "timeout", "message": err.detail}})
+            yield _event(error_body(504, err.detail))
         except Exception:
             logger.exception("policy: streaming failed")
-            yield _event({"error": {"type": "internal_error", "message": "internal error"}})
+            yield _event(error_body(500, "The server had an error while processing your request."))
         finally:
             job.cancel.set()
         yield "data: [DONE]\n\n"
@@ -762,7 +767,7 @@ class PolicyDeployment:
         async def model(model: str) -> Any:
             if model != self.served_name:
                 return json_error(
-                    404, f"the model {_quoted(model)} does not exist", code="model_not_found"
+                    404, f"the model {quoted(model)} does not exist", code="model_not_found"
                 )
             return self._card()
 
@@ -895,9 +900,31 @@ def vllm_llm_config(settings: PolicyAppArgs, model_path: str) -> dict[str, Any]:
     return config
 
 
+# Ray Serve LLM's ingress, with our API-key gate in front (serve_apps/gate.py).
+GATED_INGRESS = "serve_apps.gate:GatedOpenAiIngress"
+
+
+def vllm_serving_args(settings: PolicyAppArgs, model_path: str) -> dict[str, Any]:
+    """``ray.serve.llm.build_openai_app``'s argument (``LLMServingArgs`` as a dict): the model's
+    ``LLMConfig`` and, as the ingress, Ray's OpenAI ingress behind our API-key gate, configured
+    from the app's ``api_keys_file``, ``allow_unauthenticated`` and ``max_body_bytes``."""
+    gate = GateArgs(
+        api_keys_file=settings.api_keys_file,
+        allow_unauthenticated=settings.allow_unauthenticated,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    return {
+        "llm_configs": [vllm_llm_config(settings, model_path)],
+        "ingress_cls_config": {
+            "ingress_cls": GATED_INGRESS,
+            "ingress_extra_kwargs": {"api_gate": gate.model_dump()},
+        },
+    }
+
+
 def _build_vllm_app(settings: PolicyAppArgs, source: PolicySource) -> Application:
     try:
-        from ray.serve.llm import LLMConfig, build_openai_app
+        from ray.serve.llm import build_openai_app
     except ImportError as err:
         raise ImportError(
             "backend=vllm needs Ray Serve LLM with vLLM (GPU nodes: pip install "
@@ -908,8 +935,7 @@ def _build_vllm_app(settings: PolicyAppArgs, source: PolicySource) -> Applicatio
     # vLLM loads a folder or a hub id; packaged/tiny specs are converted here, on this node, so
     # the folder must be on storage that the GPU nodes share (or use a folder/hub id directly).
     path = resolve_model(source.spec, trust_remote_code=settings.trust_remote_code).path
-    llm_config = LLMConfig(**vllm_llm_config(settings, path))
-    return build_openai_app({"llm_configs": [llm_config]})
+    return build_openai_app(vllm_serving_args(settings, path))
 
 
 # --------------------------------------------------------------------------- builder

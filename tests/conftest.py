@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real embedded Ray on 127.0.0.1 with logical CPUs above the 2 physical ones (design 5.1)."""
+    """A real embedded Ray on 127.0.0.1 with logical CPUs above the 2 physical ones (docs/design.md 5.1)."""
     import ray
 
     from selfmoa_ray.config import RaySection

@@ -9,6 +9,7 @@ import io
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from selfmoa_ray import console
 from selfmoa_ray.config import load_config
 from selfmoa_ray.recipes.steps import stage_done
 from selfmoa_ray.rundir import RunDir
+from selfmoa_ray.sources.models import prepare_model
 from selfmoa_ray.stage_io import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,11 +186,29 @@ def _selfmoa(*args: str, cwd: Path, env: dict[str, str] | None = None):
 
 
 def test_a_failing_run_says_why_on_the_terminal(tmp_path):
+    """Bad weights that only loading finds (the pre-flight checks files by name): the run fails
+    inside Ray, the terminal says why and where the log is, Ray's own lines stay in that log."""
+    model = tmp_path / "model"
+    shutil.copytree(prepare_model("tiny-random"), model)
+    (model / "model.safetensors").write_bytes(b"\xff" * 64)
+    done = _selfmoa("evaluate", "--config", "tiny", "--output-dir", str(tmp_path / "run"),
+                    f"policy.source={model}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode != 0
+    log = tmp_path / "run" / console.LOG_FILE
+    assert f"the run's full output: {log}" in done.stderr
+    assert "Error while deserializing header" in done.stderr.strip().splitlines()[-1]
+    assert "INFO" not in done.stdout + done.stderr  # Ray's lines stayed in the log
+    assert "Started a local Ray instance" in log.read_text()
+
+
+def test_a_bad_prompt_file_fails_before_the_run(tmp_path):
     bad = tmp_path / "mine.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')
     done = _selfmoa("evaluate", "--config", "tiny", "--output-dir", str(tmp_path / "run"),
                     "--prompts", str(bad), cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2
-    assert "mine.jsonl, line 2: invalid JSON" in done.stderr
-    assert "INFO" not in done.stdout + done.stderr  # Ray's lines stayed in the log
-    assert "Started a local Ray instance" in (tmp_path / "run" / console.LOG_FILE).read_text()
+    assert (
+        done.stderr.strip()
+        == f"selfmoa: error: data.eval_files: {bad}, line 2: invalid JSON (Expecting value)"
+    )
+    assert not (tmp_path / "run").exists()

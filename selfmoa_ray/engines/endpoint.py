@@ -46,8 +46,9 @@ def api_key(endpoint: EndpointSection) -> str | None:
     return key
 
 
-def check_endpoint(endpoint: EndpointSection) -> str | None:
-    """Fail fast, with the reason, on an endpoint that cannot answer; returns the API key."""
+def check_endpoint(endpoint: EndpointSection, *, check_model: bool = True) -> str | None:
+    """Fail fast, with the reason, on an endpoint that cannot answer (or, with ``check_model``,
+    does not serve ``endpoint.model``); returns the API key."""
     key = api_key(endpoint)
     client = openai.OpenAI(
         base_url=endpoint.base_url, api_key=key or "none", max_retries=1, timeout=30
@@ -67,7 +68,7 @@ def check_endpoint(endpoint: EndpointSection) -> str | None:
         raise EndpointError(
             f"{endpoint.base_url}/models answered {err.status_code}: {err.message}"
         ) from None
-    if served and endpoint.model not in served:
+    if check_model and served and endpoint.model not in served:
         raise EndpointError(
             f"{endpoint.base_url} does not serve the model {endpoint.model!r}; it serves: "
             + ", ".join(served)

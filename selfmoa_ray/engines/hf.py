@@ -1,7 +1,7 @@
 """transformers backend: batched, left-padded chat generation on CPU or GPU.
 
 One instance lives in each Ray Data actor and keeps its model loaded across batches: loading
-is the expensive part (design.md 5.1), so actors are reused, never recreated per batch.
+is the expensive part (docs/design.md 5.1), so actors are reused, never recreated per batch.
 """
 
 from __future__ import annotations

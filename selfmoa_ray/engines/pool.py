@@ -1,7 +1,7 @@
 """Ray Data wiring: stream prompt rows through an actor pool of engines.
 
 Each actor loads its model once and serves many batches; fractional CPUs let a pool share a small
-machine with Train workers and Serve replicas (design.md 5.1).
+machine with Train workers and Serve replicas (docs/design.md 5.1).
 
 ``engine.backend`` picks the callable class: ``hf`` (transformers, CPU or GPU) or ``vllm``
 (engines/vllm.py). A vLLM actor gets ``num_gpus_per_actor`` GPUs and shards the model over them

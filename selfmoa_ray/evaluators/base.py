@@ -56,3 +56,33 @@ def check_pairs(
                     f"row {i}: {what} must be text, got {type(value).__name__}"
                 )
     return list(prompts), list(responses)  # type: ignore[arg-type]
+
+
+class Renamed:
+    """An evaluator under another name (``name:`` in config): each column's ``<old>_`` prefix
+    becomes ``<name>_``, so two evaluators of one kind score side by side."""
+
+    def __init__(self, evaluator: Evaluator, name: str):
+        self.evaluator, self.name, self._old = evaluator, name, evaluator.name
+        self.provides = {q: self._rename(c) for q, c in evaluator.provides.items()}
+
+    def __getattr__(self, attr: str) -> object:  # the wrapped evaluator's own attributes
+        if attr == "evaluator":  # not set yet (a copy being built): no recursion
+            raise AttributeError(attr)
+        return getattr(self.evaluator, attr)
+
+    def _rename(self, column: str) -> str:
+        if not column.startswith(f"{self._old}_"):
+            raise ValueError(
+                f"evaluator {self._old!r} returned column {column!r}, not named '{self._old}_...'"
+            )
+        return self.name + column[len(self._old) :]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+        out = self.evaluator.score(prompts, responses)
+        return {self._rename(column): values for column, values in out.items()}
+
+
+def named(evaluator: Evaluator, name: str) -> Evaluator:
+    """``evaluator`` with its columns prefixed by ``name`` (itself when that is its name)."""
+    return evaluator if evaluator.name == name else Renamed(evaluator, name)

@@ -23,6 +23,7 @@ from selfmoa_ray.evaluators.composite import (
     VOTE_PREFIX,
     CompositeJudge,
     JudgePanel,
+    check_endpoints,
     check_labelers,
     safety_labelers,
 )
@@ -54,7 +55,11 @@ def judge_panel_dataset(
             ds = judge_dataset(ds, judge, dtype, prefix)
         return ds
     panel = [
-        {"specs": [e.model_dump() for e in judge.evaluators], "prefix": prefix}
+        {
+            "specs": [e.model_dump() for e in judge.evaluators],
+            "prefix": prefix,
+            "api_keys": check_endpoints(judge.evaluators),
+        }
         for judge, prefix in judges
     ]
     return ds.map_batches(
@@ -78,10 +83,16 @@ def judge_dataset_fitted(
     """``judge_dataset``, and the label model fitted on the rows (None for a weighted mean)."""
     if judge.combine == "label_model":  # fail before any model loads
         check_labelers(safety_labelers(judge.evaluators), judge.evaluators)
+    api_keys = check_endpoints(judge.evaluators)  # in the driver: fail before any actor starts
     judged = ds.map_batches(
         CompositeJudge,
         fn_constructor_args=([e.model_dump() for e in judge.evaluators],),
-        fn_constructor_kwargs={"dtype": dtype, "prefix": prefix, "combine": judge.combine},
+        fn_constructor_kwargs={
+            "dtype": dtype,
+            "prefix": prefix,
+            "combine": judge.combine,
+            "api_keys": api_keys,
+        },
         batch_size=judge.batch_size,
         compute=ActorPoolStrategy(size=judge.num_actors),
         num_cpus=judge.num_cpus_per_actor,

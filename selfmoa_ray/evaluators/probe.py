@@ -1,6 +1,6 @@
 """CPU proxy judge: linear heads on MiniLM embeddings, trained on PyRIT's human-labelled rows.
 
-Weak supervision (design.md section 4): no harm classifier ships in a wheel, so we fit three
+Weak supervision (docs/design.md section 4): no harm classifier ships in a wheel, so we fit three
 small scikit-learn heads on ``selfmoa_ray.sources.scorer_rows`` (PyRIT ``scorer_evals``, MIT):
 
 ============  ===========================  =============================================

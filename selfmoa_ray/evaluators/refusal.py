@@ -1,6 +1,6 @@
 """Refusal matchers: the classic AdvBench/HarmBench phrase list, and a strict one beside it.
 
-Both need no model, so they are reported beside every judge (design.md 2.3).
+Both need no model, so they are reported beside every judge (docs/design.md 2.3).
 
 * **classic** (``is_refusal``): a well-known refusal phrase anywhere in the first sentences,
   case-insensitive, as in the GCG/AdvBench evaluation code. Kept for comparability with papers.

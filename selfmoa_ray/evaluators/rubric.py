@@ -1,42 +1,40 @@
-"""An LLM rubric judge: any chat model rates helpfulness from 1 to 10 with a prompt template.
+"""An LLM rubric judge: a local chat model rates each pair from a prompt template.
 
-The template lives in ``templates/rubric.txt`` (or any file given in config), with ``{prompt}`` and
-``{response}`` slots. The first "Score: N" (or first integer 1-10) in the answer is the score;
-answers without one are NaN and counted, never silently turned into a number.
+The template is ``templates/rubric.txt`` (helpfulness 1-10) unless config gives one (``template:``,
+inline text or a file, with ``{prompt}`` and ``{response}`` slots); a template may also ask for
+safety and refusal. Filling and parsing are rubric_template.py's, shared with the endpoint chat
+judge (endpoint_judge.py). Answers without the value asked for are NaN, never silently turned
+into a number.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
 from selfmoa_ray.engines.base import SamplingParams
 from selfmoa_ray.engines.hf import HFChatEngine
 from selfmoa_ray.evaluators.base import check_pairs
+from selfmoa_ray.evaluators.rubric_template import (
+    DEFAULT_TEMPLATE,
+    asked,
+    fill,
+    parse_score,
+    provides_of,
+    resolve_template,
+    rubric_columns,
+)
 
-DEFAULT_TEMPLATE = resources.files("selfmoa_ray.evaluators").joinpath("templates/rubric.txt")
-_SCORE = re.compile(r"score\s*[:=]?\s*(\d{1,2})", re.IGNORECASE)
-_NUMBER = re.compile(r"\b(10|[1-9])\b")
-
-
-def parse_score(text: str) -> float:
-    """The 1-10 score in a judge's answer, or NaN when there is none."""
-    match = _SCORE.search(text) or _NUMBER.search(text)
-    if match is None:
-        return float("nan")
-    value = int(match.group(1))
-    return float(value) if 1 <= value <= 10 else float("nan")
+__all__ = ["DEFAULT_TEMPLATE", "RubricJudge", "parse_score"]
+TOKENS_PER_ANSWER = 8  # "Score: 10" and the like, per quantity asked
 
 
 class RubricJudge:
-    """Evaluator (evaluators/base.py): ``rubric_helpfulness`` in [0, 1] from a 1-10 rating."""
+    """Evaluator (evaluators/base.py): ``rubric_helpfulness`` in [0, 1] from a 1-10 rating, and
+    ``rubric_safety`` / ``rubric_refusal`` when the template asks for them."""
 
     name = "rubric"
-    provides = {"helpfulness": "rubric_helpfulness"}
 
     def __init__(
         self,
@@ -46,18 +44,13 @@ class RubricJudge:
         dtype: str = "float32",
         batch_size: int = 8,
     ):
-        text = Path(template).read_text() if template else DEFAULT_TEMPLATE.read_text()
-        if "{prompt}" not in text or "{response}" not in text:
-            raise ValueError("a rubric template needs both {prompt} and {response} slots")
-        try:
-            text.format(prompt="", response="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"rubric template has a slot other than {{prompt}}/{{response}}: {err}"
-            ) from None
-        self.template, self.batch_size = text, batch_size
+        """``template``: text with {prompt} and {response} slots, or a file holding it."""
+        self.template, self.batch_size = resolve_template(template), batch_size
+        self.quantities = asked(self.template)
+        self.provides = provides_of(self.name, self.quantities)
+        tokens = TOKENS_PER_ANSWER * len(self.quantities)
         self.engine = HFChatEngine(
-            model, SamplingParams(n=1, temperature=0.0, max_new_tokens=8), dtype=dtype
+            model, SamplingParams(n=1, temperature=0.0, max_new_tokens=tokens), dtype=dtype
         )
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
@@ -65,7 +58,7 @@ class RubricJudge:
         tok = self.engine.tokenizer
         texts = [
             tok.apply_chat_template(
-                [{"role": "user", "content": self.template.format(prompt=p, response=r)}],
+                [{"role": "user", "content": fill(self.template, p, r)}],
                 add_generation_prompt=True, tokenize=False,
             )
             for p, r in zip(prompts, responses, strict=True)
@@ -75,5 +68,4 @@ class RubricJudge:
             for start in range(0, len(texts), self.batch_size)
             for samples in self.engine.generate(texts[start : start + self.batch_size])
         ]
-        raw = np.array([parse_score(a) for a in answers], dtype=np.float32)
-        return {"rubric_score": raw, "rubric_helpfulness": (raw - 1.0) / 9.0}
+        return rubric_columns(self.name, answers, self.quantities)

@@ -1,4 +1,4 @@
-"""Recipe: PT-ALIGN, dual safety self-alignment from fewer than 50 human items (design.md 2.2).
+"""Recipe: PT-ALIGN, dual safety self-alignment from fewer than 50 human items (docs/design.md 2.2).
 
     baseline/evaluate                               the start policy on the held-out sets
     calibrate             calibration.json          both judges on human labels held back
@@ -36,7 +36,7 @@ from selfmoa_ray.config import Config
 from selfmoa_ray.evaluators.audit import held_out_prompts
 from selfmoa_ray.layout import BASELINE, CALIBRATION, POLICY, Iteration
 from selfmoa_ray.recipes.acceptance import check_policy
-from selfmoa_ray.recipes.steps import Steps, stage_done, track_policy
+from selfmoa_ray.recipes.steps import Steps, stage_done, track_policy, track_training
 from selfmoa_ray.report.html import write_report
 from selfmoa_ray.report.tracking import make_tracker
 from selfmoa_ray.rundir import RunDir
@@ -63,8 +63,8 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
     generator = section.generator or config.policy
     it, seed = Iteration(1), config.run.seed + 1
     steps = Steps(run, it)
-    tracker = make_tracker(config.tracking, run.root, config.run.name)
-    try:
+    with make_tracker(config.tracking, run.root, config.run.name) as tracker:
+        tracker.log_config(config)
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
         calibrated = calibrate(run, stage="calibrate", out=CALIBRATION, config=config)
         stage_done(run, calibrated, "calibrate")
@@ -96,6 +96,7 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
             data, start = it.io("triples")["out"], config.policy
             trainer = {"config": train_config, "seed": seed, "validation": held_back or None}
             steps("train", train, data=data, model=start, **trainer)
+            track_training(tracker, run, it)
             trained = config.policy.model_copy(update={"source": str(run.path(it.file(POLICY)))})
             stage_done(run, evaluate_policy(run, config, trained, it.name), it.stage("evaluate"))
             track_policy(tracker, run, 1, it.name)
@@ -107,6 +108,6 @@ def run_pt_align(config: Config, run: RunDir) -> dict[str, Any]:
         state["final_policy_path"] = str(final)
         run.manifest["loop"] = state
         run.save()
-    finally:
-        tracker.close()
-    return write_report(run.root)
+        collected = write_report(run.root)
+        tracker.log_report(run.root)
+    return collected

@@ -1,4 +1,4 @@
-"""Recipe: red-team only, an audit of a model that is never trained (design.md 3).
+"""Recipe: red-team only, an audit of a model that is never trained (docs/design.md 3).
 
     for t in 1..redteam.rounds:
         iter_t/redteam    prompts.parquet       attacks aimed at round t-1's successful attacks

@@ -1,4 +1,4 @@
-"""Recipe: the Self-MOA closed loop, top to bottom (design.md 2.1).
+"""Recipe: the Self-MOA closed loop, top to bottom (docs/design.md 2.1).
 
     baseline/evaluate                           the start policy on the held-out sets (audit judge)
     calibrate         calibration.json          both judges on human labels held back from them
@@ -38,7 +38,7 @@ from typing import Any
 from selfmoa_ray.config import Config, ModelSection
 from selfmoa_ray.layout import BASELINE, CALIBRATION, POLICY, Iteration
 from selfmoa_ray.recipes.acceptance import check_policy
-from selfmoa_ray.recipes.steps import Steps, human_items, stage_done, track_policy
+from selfmoa_ray.recipes.steps import Steps, human_items, stage_done, track_policy, track_training
 from selfmoa_ray.report.html import write_report
 from selfmoa_ray.report.tracking import make_tracker
 from selfmoa_ray.rundir import RunDir
@@ -64,8 +64,8 @@ def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
     ``run.recipe: combined``: Self-MOA pairs plus PT-ALIGN's token-level unlikelihood on the
     harmful spans of each unsafe rejected answer (weight ``train.unlikelihood_alpha``).
     """
-    tracker = make_tracker(config.tracking, run.root, config.run.name)
-    try:
+    with make_tracker(config.tracking, run.root, config.run.name) as tracker:
+        tracker.log_config(config)
         stage_done(run, evaluate_policy(run, config, config.policy, BASELINE), BASELINE)
         calibrated = calibrate(run, stage="calibrate", out=CALIBRATION, config=config)
         stage_done(run, calibrated, "calibrate")
@@ -78,6 +78,7 @@ def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
         state.update(stopped_early=False, stop_reason=None)
         for it in map(Iteration, range(1, config.loop.iterations + 1)):
             trained = run_iteration(config, run, it, policy)
+            track_training(tracker, run, it)
             state["iterations_done"] = it.t
             if isinstance(trained, str):
                 state.update(stopped_early=True, stop_reason=trained)
@@ -95,9 +96,9 @@ def run_selfmoa(config: Config, run: RunDir) -> dict[str, Any]:
         state["human_items"] = human_items(run, config)
         run.manifest["loop"] = state
         run.save()
-    finally:
-        tracker.close()
-    return write_report(run.root)
+        collected = write_report(run.root)
+        tracker.log_report(run.root)
+    return collected
 
 
 def run_iteration(config: Config, run: RunDir, it: Iteration, policy: ModelSection) -> Any:

@@ -56,6 +56,14 @@ def track_policy(tracker: Any, run: RunDir, step: int, name: str) -> None:
             tracker.log_iteration(step, flat_metrics(policy) | cost_metrics(collected["cost"]))
 
 
+def track_training(tracker: Any, run: RunDir, it: Iteration) -> None:
+    """Iteration ``it``'s training curves, from the history its train stage names (none when it
+    did not train)."""
+    history = run.stage_summary(it.stage("train")).get("history")
+    if history:
+        tracker.log_training(it.t, run.path(history))
+
+
 def human_items(run: RunDir, config: Config) -> int:
     """Human-written items the loop started from: the seed and benign prompts its red team drew
     on, the messages of ``sampling.guide`` and the ``sampling.prefill``; no human labels."""

@@ -1,4 +1,4 @@
-"""Read a run directory into one JSON-able metrics structure (design.md 2.3).
+"""Read a run directory into one JSON-able metrics structure (docs/design.md 2.3).
 
 The loop writes ``manifest.json`` (each stage's status, wall time and summary) and, per policy,
 ``<policy>/metrics.json`` (the ``evaluate`` summary: per split safety, refusal, helpfulness,

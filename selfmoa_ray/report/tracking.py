@@ -1,8 +1,15 @@
-"""Per-iteration metrics to an experiment tracker: MLflow, TensorBoard, or nothing.
+"""The run in an experiment tracker: MLflow, TensorBoard, or nothing.
 
-The loop driver calls ``tracker.log_iteration(t, flat_metrics(policy))`` after each evaluation
-(step 0 is the baseline) and ``tracker.close()`` at the end. Configured by the ``tracking``
-section: ``backend`` ``none`` | ``mlflow`` | ``tensorboard``, and ``uri``.
+What a recipe logs, and when (recipes/selfmoa.py and pt_align.py)::
+
+    with make_tracker(config.tracking, run.root, config.run.name) as tracker:
+        tracker.log_config(config)           # once per tracker run: params, config.yaml
+        tracker.log_iteration(t, metrics)    # each evaluated policy (0 = baseline)
+        tracker.log_training(t, history)     # iteration t's per-step training curves
+        tracker.log_report(run.root)         # report.html, metrics.json/.csv, plots/
+
+Configured by the ``tracking`` section: ``backend`` ``none`` | ``mlflow`` | ``tensorboard``, and
+``uri``. Leaving the ``with`` block by an exception marks the MLflow run FAILED (KILLED on Ctrl-C).
 
 * ``mlflow``: with ``uri`` unset, a local SQLite store in ``<run>/mlflow/mlflow.db`` (artifacts
   in ``<run>/mlflow/artifacts``); otherwise the given tracking URI (a server, ``databricks``,
@@ -11,35 +18,53 @@ section: ``backend`` ``none`` | ``mlflow`` | ``tensorboard``, and ``uri``.
   MLflow 3.x keeps the ``./mlruns`` file store in maintenance mode and refuses to open it unless
   ``MLFLOW_ALLOW_FILE_STORE=true`` is set; SQLite is its recommended local backend and works
   offline (it needs ``sqlalchemy`` and ``alembic``, which ``mlflow-skinny`` leaves out, so the
-  ``tracking`` extra adds them).
+  ``tracking`` extra adds them). The config becomes params with dotted keys (:func:`flat_config`)
+  and the ``config.yaml`` artifact; MLflow refuses to change a logged param, so a resumed run
+  logs only the params it lacks, and one whose value differs keeps its first value (a warning and
+  the ``selfmoa.params_changed`` tag name it; ``config.yaml`` is the new config).
 * ``tensorboard``: ``torch.utils.tensorboard.SummaryWriter`` (``tensorboardX`` if that is what is
-  installed) writing to ``<run>/tensorboard`` by default, or to ``uri``.
+  installed) writing to ``<run>/tensorboard`` by default, or to ``uri``. The config is a text
+  entry (``config``, the YAML); metrics and curves are scalars; report files are not logged (they
+  sit in the run folder, and TensorBoard has no place for files).
 
-``<run>/tracking.json`` also lists the steps already logged: a resumed loop may call
-``log_iteration`` again for the policies it evaluated before the restart, and those calls are
-skipped, so no metric gets two points at one step. MLflow itself sends anonymous usage telemetry
-unless ``MLFLOW_DISABLE_TELEMETRY=true`` or ``DO_NOT_TRACK=true`` is set (off under pytest/CI).
+Training curves: ``train/<metric>`` (``train/loss``, ``train/reward_margin``, ``train/epoch``,
+``train/iteration``, ...) at a global step that keeps increasing across iterations (iteration 2's
+first step follows iteration 1's last), read from the stage's per-step history file
+(training/history.py). ``<run>/tracking.json`` lists what is already logged (the iterations'
+steps, each training's global-step range, the config's fingerprint): a resumed loop calls the
+tracker again for work it did before the restart, and those calls are skipped, so no metric gets
+two points at one step. MLflow itself sends anonymous usage telemetry unless
+``MLFLOW_DISABLE_TELEMETRY=true`` or ``DO_NOT_TRACK=true`` is set (off under pytest/CI).
 
 Ray ships MLflow integrations (``ray.air.integrations.mlflow.setup_mlflow`` and
 ``MLflowLoggerCallback``), but they are built around Ray Tune trials and Ray Train workers
 (``setup_mlflow`` opens a session inside a trainable, ``MLflowLoggerCallback`` is a Tune logger
-callback). Our per-iteration metrics are computed in the loop's driver process, outside any Tune
-trial or Train worker, so the plain MLflow and TensorBoard clients are used directly here.
+callback). Our metrics are computed, and the training histories read, in the loop's driver
+process, outside any Tune trial or Train worker, so the plain MLflow and TensorBoard clients are
+used directly here.
 
 mlflow and tensorboard are optional: ``pip install 'selfmoa-ray[tracking]'``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from selfmoa_ray.config import TrackingSection
+from selfmoa_ray.config import Config, TrackingSection
 from selfmoa_ray.rundir import read_json, write_json
+from selfmoa_ray.training.history import read_history
+
+log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"
+REPORT_FILES = ("report.html", "metrics.json", "metrics.csv")  # and plots/, see write_report
 INSTALL_HINT = "pip install 'selfmoa-ray[tracking]'"
 
 
@@ -95,28 +120,76 @@ def cost_metrics(cost: dict[str, Any] | None) -> dict[str, float]:
     return _clean(out)
 
 
+# --------------------------------------------------------------------------- the config
+
+CUT = " ... (cut: see config.yaml)"
+_PARAM_KEY = re.compile(r"[^\w.\- /:]")  # the characters MLflow allows in a param key
+
+
+def flat_config(config: dict[str, Any], limit: int = 6000) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys, string values.
+
+    Sections nest (``train.beta``), lists of sections are walked by index
+    (``judge.evaluators.0.kind``); any other list is one JSON value (``["q_proj", "v_proj"]``),
+    other values are ``str(value)`` as ``mlflow.log_params`` writes them. A value longer than
+    ``limit`` (MLflow's param length limit) is cut and ends in ``CUT``; the whole config is the
+    run's ``config.yaml`` artifact.
+    """
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict) and node:
+            for name, value in node.items():
+                walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+            for i, value in enumerate(node):
+                walk(value, f"{key}.{i}")
+        else:
+            text = json.dumps(node) if isinstance(node, (list, dict)) else str(node)
+            out[_PARAM_KEY.sub("_", key)] = (
+                text if len(text) <= limit else text[: limit - len(CUT)] + CUT
+            )
+
+    walk(config, "")
+    return out
+
+
 # --------------------------------------------------------------------------- trackers
 
 
 class Tracker:
-    """Logs one dict of floats per loop iteration. The base class is the no-op tracker."""
+    """Logs the run's config, metrics, training curves and report. The base class is the no-op
+    tracker (``tracking.backend: none``)."""
 
     backend = "none"
+
+    def log_config(self, config: Config) -> None:
+        """Record the resolved config (a resumed run's repeat adds nothing new)."""
 
     def log_iteration(self, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` at ``step`` (0 = baseline, t = after iteration t)."""
 
-    def close(self) -> None:
-        """Flush and release the tracker; safe to call twice."""
+    def log_training(self, iteration: int, history: Path) -> None:
+        """Record iteration ``iteration``'s per-step training metrics from its history file
+        (training/history.py) as ``train/<metric>`` at global steps."""
+
+    def log_report(self, root: Path) -> None:
+        """Record the report files ``write_report`` left in ``root``."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and release the tracker; safe to call twice. ``status``: how the run ended."""
 
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.close("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
 
 
-def _clean(metrics: dict[str, float]) -> dict[str, float]:
+def _clean(metrics: dict[str, Any]) -> dict[str, float]:
     return {
         str(k): float(v)
         for k, v in metrics.items()
@@ -124,11 +197,16 @@ def _clean(metrics: dict[str, float]) -> dict[str, float]:
     }
 
 
+Points = list[tuple[int, dict[str, float]]]  # (step, metrics) in logging order
+
+
 class _LedgerTracker(Tracker):
     """A tracker whose state lives in ``<run>/tracking.json`` (written atomically).
 
-    The file names the backend and its target, and the steps already logged: a resumed run
-    replays the loop from the start, and a step that is in the ledger is not logged twice.
+    The file names the backend and its target, and what is already logged: a resumed run
+    replays the loop from the start, and what is in the ledger is not logged twice. ``steps``:
+    the iterations' steps; ``training``: per iteration, ``[offset, steps]`` of its curve (global
+    step = offset + the training's own step); ``config``: the fingerprint of the logged config.
     """
 
     def __init__(self, run_root: Path, target: dict[str, Any]):
@@ -137,27 +215,43 @@ class _LedgerTracker(Tracker):
         same = all(stored.get(k) == v for k, v in target.items())
         self.state: dict[str, Any] = stored if same else dict(target, steps=[])
         self.state.setdefault("steps", [])
+        self.state.setdefault("training", {})
         self._closed = False
 
     def log_iteration(self, step: int, metrics: dict[str, float]) -> None:
         if int(step) in self.state["steps"]:
             return
-        self._log(int(step), _clean(metrics))
+        self._log([(int(step), _clean(metrics))])
         self.state["steps"] = sorted({*self.state["steps"], int(step)})
+        self.save()
+
+    def log_training(self, iteration: int, history: Path) -> None:
+        done: dict[str, list[int]] = self.state["training"]
+        rows = read_history(history)
+        if str(iteration) in done or not rows:
+            return
+        offset = max((first + steps for first, steps in done.values()), default=0)
+        tagged = {"train/iteration": float(iteration)}
+        points = [
+            (offset + row["step"], _clean({f"train/{k}": v for k, v in row.items() if k != "step"}))
+            for row in rows
+        ]
+        self._log([(step, metrics | tagged) for step, metrics in points])
+        done[str(iteration)] = [offset, max(row["step"] for row in rows)]
         self.save()
 
     def save(self) -> None:
         write_json(self.path, self.state)
 
-    def _log(self, step: int, metrics: dict[str, float]) -> None:
+    def _log(self, points: Points) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if not self._closed:
             self._closed = True
-            self._close()
+            self._close(status)
 
-    def _close(self) -> None:
+    def _close(self, status: str) -> None:
         raise NotImplementedError
 
 
@@ -202,7 +296,8 @@ class MlflowTracker(_LedgerTracker):
         except MlflowException:
             run = None  # the store was wiped
         if run is None or run.info.lifecycle_stage != "active":
-            self.state.update(run_id=None, steps=[])  # start a fresh MLflow run
+            # Start a fresh MLflow run: nothing of the old one counts as logged.
+            self.state.update(run_id=None, steps=[], training={}, config=None)
             return None
         self.client.update_run(run_id, status="RUNNING")
         return run_id
@@ -219,19 +314,76 @@ class MlflowTracker(_LedgerTracker):
             tags={"selfmoa.run_root": str(self.run_root.resolve())},
         )
         self.state.update(experiment_id=experiment_id, run_id=run.info.run_id, steps=[])
+        self.state.update(training={}, config=None)
         self.save()
         return run.info.run_id
 
-    def _log(self, step: int, metrics: dict[str, float]) -> None:
+    def log_config(self, config: Config) -> None:
+        """Params (:func:`flat_config`) the run lacks, tags ``selfmoa.config_fingerprint`` and
+        ``selfmoa.recipe``, and ``config.yaml``. A param already logged with another value keeps
+        it (MLflow refuses the change): a warning and the tag ``selfmoa.params_changed`` say so."""
+        from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        params = flat_config(config.to_dict(), MAX_PARAM_VAL_LENGTH)
+        logged = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, v) for k, v in params.items() if k not in logged]
+        tags = [
+            RunTag("selfmoa.config_fingerprint", config.fingerprint()),
+            RunTag("selfmoa.recipe", config.run.recipe),
+        ]
+        changed = [k for k, v in params.items() if k in logged and logged[k] != v]
+        if changed:
+            log.warning(
+                "MLflow run %s keeps the first value of params %s (MLflow cannot change a "
+                "logged param); its config.yaml artifact is the config now", self.run_id, changed,
+            )  # fmt: skip
+            tags.append(RunTag("selfmoa.params_changed", " ".join(changed)[:5000]))
+        self.client.log_batch(self.run_id, tags=tags)
+        for start in range(0, len(fresh), MAX_PARAMS_TAGS_PER_BATCH):
+            batch = fresh[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            self.client.log_batch(self.run_id, params=batch)
+        with tempfile.TemporaryDirectory(prefix="selfmoa-config-") as folder:
+            path = Path(folder) / "config.yaml"
+            path.write_text(config.to_yaml(), encoding="utf-8")
+            self._artifact(path)
+        self.state["config"] = config.fingerprint()
+        self.save()
+
+    def log_report(self, root: Path) -> None:
+        """``report.html``, ``metrics.json``, ``metrics.csv`` and ``plots/`` (as they are now:
+        a second call replaces them)."""
+        root = Path(root)
+        for name in REPORT_FILES:
+            if (root / name).is_file():
+                self._artifact(root / name)
+        if (root / "plots").is_dir():
+            self._artifact(root / "plots", "plots")
+
+    def _artifact(self, path: Path, under: str | None = None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), under)
+            else:
+                self.client.log_artifact(self.run_id, str(path), under)
+        except (MlflowException, OSError) as err:
+            raise TrackingError(
+                f"could not log {path} to MLflow run {self.run_id} ({self.tracking_uri}): {err}; "
+                "the file itself is intact"
+            ) from err
+
+    def _log(self, points: Points) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+        batch = [Metric(k, v, now, step) for step, metrics in points for k, v in metrics.items()]
         for start in range(0, len(batch), 1000):  # MLflow's per-request metric limit
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
-    def _close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def _close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 class TensorboardTracker(_LedgerTracker):
@@ -246,12 +398,22 @@ class TensorboardTracker(_LedgerTracker):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.writer = writer_cls(log_dir=str(self.log_dir))
 
-    def _log(self, step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
+    def log_config(self, config: Config) -> None:
+        """The config's YAML as the text entry ``config`` (TEXT tab), once per config."""
+        if self.state.get("config") == config.fingerprint():
+            return
+        self.writer.add_text("config", f"```yaml\n{config.to_yaml()}```", 0)
+        self.writer.flush()
+        self.state["config"] = config.fingerprint()
+        self.save()
+
+    def _log(self, points: Points) -> None:
+        for step, metrics in points:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def _close(self) -> None:
+    def _close(self, status: str) -> None:
         self.writer.close()
 
 

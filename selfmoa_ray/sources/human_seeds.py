@@ -1,4 +1,4 @@
-"""The PT-ALIGN human-seed file: the only human-written input of the recipe (design.md 2.2 step 1).
+"""The PT-ALIGN human-seed file: the only human-written input of the recipe (docs/design.md 2.2 step 1).
 
 One small, versioned YAML file holds safety domains, positive constraints, toxic constraints,
 demonstrations and (optionally) instruction templates with a ``{topic}`` slot: harmful ones, and

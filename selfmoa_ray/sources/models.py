@@ -19,6 +19,10 @@ Specs understood by :func:`resolve_model`:
 * anything else is a Hugging Face model id, passed to ``from_pretrained`` as is (offline here,
   so only models already in the HF cache load).
 
+:func:`check_model` answers "will this spec load?" without loading or building anything (the
+pre-flight, preflight.py); :func:`prepare_model` builds what can be built and finds a hub id's
+cached snapshot (``selfmoa models prepare``), naming the ``hf download`` command when it is not.
+
 Builds are atomic (made in a temp folder beside the target, then renamed) and guarded by a file
 lock, so concurrent processes convert at most once and never see a half-written folder.
 """
@@ -49,11 +53,14 @@ __all__ = [
     "ModelSourceError",
     "PackagedModel",
     "ResolvedModel",
+    "check_model",
+    "hub_snapshot",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
     "models_dir",
     "packaged_gguf",
+    "prepare_model",
     "resolve_model",
 ]
 
@@ -151,6 +158,101 @@ def _local_or_hub(spec: str) -> str:
 def models_dir() -> Path:
     """Where converted and generated models live (``cache_root()/models``)."""
     return cache_root() / "models"
+
+
+# --------------------------------------------------------------------------- checking specs
+
+
+def check_model(spec: str) -> str:
+    """The folder ``spec`` will load from, checked without loading, converting or building: a
+    packaged model needs its package (or its converted folder), ``tiny-random`` SmolLM2's (for
+    the tokenizer), a folder its ``config.json``, a hub id its snapshot in the HF cache.
+
+    Raises what :func:`resolve_model` would (``ModelSourceError``, ``ValueError``), early.
+    """
+    spec = str(spec).strip()
+    if spec.startswith(PACKAGED_PREFIX):
+        name = spec.removeprefix(PACKAGED_PREFIX)
+        _packaged_info(name)
+        target = models_dir() / name
+        if not _is_built(target):
+            packaged_gguf(name)  # the package must be there to convert it
+        return str(target)
+    if spec == TINY_RANDOM or spec.startswith(TINY_RANDOM + ":"):
+        target = models_dir() / f"tiny-random-seed{tiny_seed(spec, None)}"
+        if not _is_built(target):
+            check_model(PACKAGED_PREFIX + SMOLLM2)  # its tokenizer comes from there
+        return str(target)
+    path = _local_or_hub(spec)
+    if Path(path).is_dir():
+        return _check_files(spec, Path(path))
+    if _hub_downloads_allowed():
+        return path
+    return _check_files(spec, hub_snapshot(path))
+
+
+# What a folder needs besides config.json for transformers to load it: weights (one file, or
+# shards with their index) and a tokenizer (a fast tokenizer's file, or a slow one's vocabulary).
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_files(spec: str, folder: Path) -> str:
+    """``folder`` if it holds weights and a tokenizer (their names only are checked)."""
+    missing = []
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        missing.append(f"weights ({' or '.join(WEIGHT_FILES)})")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ModelSourceError(
+            f"model {spec!r}: {folder} has a config.json but lacks {' and '.join(missing)}"
+        )
+    return str(folder)
+
+
+def prepare_model(spec: str) -> str:
+    """The folder of ``spec``, made ready to load: converted or built if needed (see
+    :func:`resolve_model`); a hub id must already be in the HF cache (:func:`hub_snapshot`)."""
+    path = resolve_model(spec).path
+    return path if Path(path).is_dir() else str(hub_snapshot(path))
+
+
+def hub_snapshot(repo_id: str, *, cache_dir: str | Path | None = None) -> Path:
+    """The cached snapshot folder of the hub model ``repo_id`` (never the network); a
+    ``ModelSourceError`` naming the command that fetches it when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(cache_dir or HF_HUB_CACHE)
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except HFValidationError:
+        raise ModelSourceError(
+            f"{repo_id!r} is not a local folder, nor a valid Hugging Face model id"
+        ) from None
+    except LocalEntryNotFoundError:
+        where = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+        raise ModelSourceError(
+            f"{repo_id!r} is not a local folder, nor a Hugging Face model in the HF cache; "
+            f"selfmoa does not download models (its Ray workers run with HF_HUB_OFFLINE=1): fetch "
+            f"it with `hf download {repo_id}` where the hub is reachable (into {where}), or use a "
+            f"local folder or a '{PACKAGED_PREFIX}' model"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(
+            f"hub model {repo_id!r} is cached in {folder} without a config.json (an interrupted "
+            f"download?): fetch it again with `hf download {repo_id}`"
+        )
+    return folder
+
+
+def _hub_downloads_allowed() -> bool:
+    """Whether the Ray workers may download hub models: only when ``HF_HUB_OFFLINE`` is set to a
+    false value here (ray_runtime.py passes it on; unset, the workers get ``1``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"0", "false", "no", "off"}
 
 
 # --------------------------------------------------------------------------- packaged models

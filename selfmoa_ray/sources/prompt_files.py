@@ -1,17 +1,25 @@
-"""User prompt files (JSONL, CSV, Parquet): validated row by row; errors name file, line, reason."""
+"""User prompt files (JSONL, CSV, Parquet): validated row by row; errors name file, line, reason.
+
+A row's prompt is ``text`` (alias ``prompt``), or ``messages``: a chat in the OpenAI format (a list
+of ``{"role", "content"}`` turns, as in Hugging Face chat datasets and OpenAI fine-tuning files).
+"""
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from selfmoa_ray.sources.packages import snake
 from selfmoa_ray.sources.schema import PromptRow
+
+MESSAGES = "messages"  # the column of a chat prompt
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class PromptFileError(ValueError):
@@ -46,6 +54,13 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
     except csv.Error as exc:
         raise PromptFileError(path, 1, f"invalid CSV ({exc})") from exc
     header = [h.strip() for h in header]
+    if MESSAGES in header:
+        raise PromptFileError(
+            path,
+            1,
+            f"column '{MESSAGES}' needs a list of chat turns, which CSV cannot hold; "
+            "write chats as JSONL or Parquet, or give the prompt as a 'text' column",
+        )
     if "text" not in header and "prompt" not in header:
         raise PromptFileError(path, 1, f"missing column 'text' (or 'prompt'); header is {header}")
     end = reader.line_num
@@ -74,9 +89,12 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise PromptFileError(path, None, f"unreadable parquet ({exc})") from exc
-    if "text" not in table.column_names and "prompt" not in table.column_names:
+    if not {"text", "prompt", MESSAGES} & set(table.column_names):
         raise PromptFileError(
-            path, None, f"missing column 'text' (or 'prompt'); columns are {table.column_names}"
+            path,
+            None,
+            f"missing column 'text' (or 'prompt', or '{MESSAGES}'); "
+            f"columns are {table.column_names}",
         )
     yield from enumerate(table.to_pylist(), start=1)
 
@@ -97,7 +115,10 @@ def _read_text(path: Path) -> str:
         ) from exc
 
 
-def _field(record: dict, name: str, default: str, fail: Callable[[str], PromptFileError]) -> str:
+Fail = Callable[[str], ValueError]  # reason -> an error naming the file (or dataset) and row
+
+
+def _field(record: dict, name: str, default: str, fail: Fail) -> str:
     value = record.get(name)
     if value is None:
         return default
@@ -108,30 +129,114 @@ def _field(record: dict, name: str, default: str, fail: Callable[[str], PromptFi
     return value.strip() or default
 
 
-def _row_from_record(
-    record: Any, fail: Callable[[str], PromptFileError], defaults: dict[str, str]
-) -> PromptRow:
-    if not isinstance(record, dict):
-        raise fail(f"expected a JSON object, got {type(record).__name__}")
-    key = "prompt" if record.get("text") is None and "prompt" in record else "text"
-    text = record.get(key)
-    if text is None:
-        raise fail("missing field 'text' (or 'prompt')")
-    if not isinstance(text, str):
-        raise fail(f"field '{key}' must be a string, got {type(text).__name__}")
-    text = text.strip()
+def chat_prompt(messages: Any, fail: Fail, key: str = MESSAGES) -> str:
+    """The prompt of an OpenAI-format chat: its one user turn; a trailing assistant turn (the
+    answer, not part of the prompt) is dropped.
+
+    A prompt row carries one user turn of text, and every stage reads that text (red team, dedup,
+    judges, reports), so a system turn or earlier turns could not reach the chat template: such
+    chats are refused rather than silently cut.
+    """
+    if not isinstance(messages, list):
+        raise fail(
+            f"field '{key}' must be a list of {{role, content}} turns, "
+            f"got {type(messages).__name__}"
+        )
+    if not messages:
+        raise fail(f"empty '{key}'")
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict):
+            raise fail(f"{key}[{i}] must be an object with 'role' and 'content', got {turn!r}")
+        role, content = turn.get("role"), turn.get("content")
+        if role is None:
+            raise fail(f"{key}[{i}] has no 'role'")
+        if role not in CHAT_ROLES:
+            raise fail(
+                f"{key}[{i}]: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
+            )
+        if not isinstance(content, str):
+            raise fail(
+                f"{key}[{i}] ({role}): 'content' must be a string, got {type(content).__name__}"
+            )
+    turns = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    if not turns or turns[-1]["role"] != "user":
+        roles = " -> ".join(t["role"] for t in messages)
+        raise fail(
+            f"the last turn of '{key}' must be the user's (optionally followed by one assistant "
+            f"answer, which is dropped); got {roles}"
+        )
+    if len(turns) > 1:
+        roles = " -> ".join(t["role"] for t in turns)
+        raise fail(
+            f"'{key}' has {roles} before the answer: only single-turn chats are supported (one "
+            "user turn, optionally followed by the assistant's answer, which is dropped); "
+            "prompts are a single user turn, so fold a system turn or earlier turns into it"
+        )
+    text = turns[0]["content"].strip()
+    if not text:
+        raise fail(f"{key}[{len(turns) - 1}] (user): empty 'content'")
+    return text
+
+
+def plain_prompt(value: Any, key: str, fail: Fail) -> str:
+    """A text prompt, stripped; missing, non-string and blank values are errors."""
+    if value is None:
+        raise fail(f"missing field '{key}'")
+    if not isinstance(value, str):
+        raise fail(f"field '{key}' must be a string, got {type(value).__name__}")
+    text = value.strip()
     if not text:
         raise fail(f"empty '{key}'")
-    source = _field(record, "source", defaults["source"], fail)
+    return text
+
+
+def _record_prompt(record: dict, fail: Fail) -> str:
+    """``text`` (alias ``prompt``) or ``messages``; a row with both kinds is ambiguous."""
+    if record.get(MESSAGES) is not None:
+        for key in ("text", "prompt"):
+            if record.get(key) is not None:
+                raise fail(f"both '{key}' and '{MESSAGES}'; give the prompt one way only")
+        return chat_prompt(record[MESSAGES], fail)
+    if record.get("text") is None and record.get("prompt") is None:
+        raise fail(f"missing field 'text' (or 'prompt', or '{MESSAGES}')")
+    key = "prompt" if record.get("text") is None else "text"
+    return plain_prompt(record[key], key, fail)
+
+
+def make_row(text: str, record: dict, fail: Fail, defaults: dict[str, str]) -> PromptRow:
+    """A row for ``text`` with the record's optional ``id``, ``category``, ``split`` and ``source``
+    (``defaults`` otherwise; the default id hashes the text, so ids survive reordering)."""
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
     return PromptRow(
         id=_field(record, "id", f"{defaults['prefix']}-{digest}", fail),
         text=text,
         category=snake(_field(record, "category", defaults["category"], fail))
         or defaults["category"],
-        source=source,
+        source=_field(record, "source", defaults["source"], fail),
         split=_field(record, "split", defaults["split"], fail),
     )
+
+
+def _row_from_record(record: Any, fail: Fail, defaults: dict[str, str]) -> PromptRow:
+    if not isinstance(record, dict):
+        raise fail(f"expected a JSON object, got {type(record).__name__}")
+    return make_row(_record_prompt(record, fail), record, fail, defaults)
+
+
+def unique_rows(
+    numbered: Iterable[tuple[int, PromptRow]], fail_at: Callable[[int, str], ValueError], unit: str
+) -> list[PromptRow]:
+    """The rows in order; a repeated id is an error at its second line (or row)."""
+    rows: list[PromptRow] = []
+    first_line: dict[str, int] = {}
+    for lineno, row in numbered:
+        if row.id in first_line:
+            raise fail_at(
+                lineno, f"duplicate id {row.id!r} (first used on {unit} {first_line[row.id]})"
+            )
+        first_line[row.id] = lineno
+        rows.append(row)
+    return rows
 
 
 def load_prompt_file(
@@ -139,8 +244,9 @@ def load_prompt_file(
 ) -> list[PromptRow]:
     """Prompts from a ``.jsonl``, ``.csv`` or ``.parquet`` file, validated row by row.
 
-    Required: ``text`` (alias ``prompt``). Optional: ``id`` (default: file stem + a hash of the
-    text, so ids survive reordering), ``category``, ``split``, ``source`` (default: file name).
+    Required: ``text`` (alias ``prompt``), or ``messages`` (JSONL and Parquet: a single-turn
+    OpenAI-format chat, see :func:`chat_prompt`). Optional: ``id`` (default: file stem + a hash of
+    the text, so ids survive reordering), ``category``, ``split``, ``source`` (default: file name).
     Any problem raises :class:`PromptFileError` naming the file, the line (CSV: physical line
     incl. header; parquet: 1-based row) and the reason.
     """
@@ -159,18 +265,15 @@ def load_prompt_file(
         "source": path.name,
         "prefix": snake(path.stem) or "user",
     }
-    rows: list[PromptRow] = []
-    first_line: dict[str, int] = {}
-    for lineno, record in reader(path):
 
-        def fail(reason: str, lineno: int = lineno) -> PromptFileError:
-            return PromptFileError(path, lineno, reason, unit)
+    def fail_at(lineno: int, reason: str) -> PromptFileError:
+        return PromptFileError(path, lineno, reason, unit)
 
-        row = _row_from_record(record, fail, defaults)
-        if row.id in first_line:
-            raise fail(f"duplicate id {row.id!r} (first used on {unit} {first_line[row.id]})")
-        first_line[row.id] = lineno
-        rows.append(row)
+    numbered = (
+        (lineno, _row_from_record(record, functools.partial(fail_at, lineno), defaults))
+        for lineno, record in reader(path)
+    )
+    rows = unique_rows(numbered, fail_at, unit)
     if not rows:
         raise PromptFileError(path, None, "empty file (no prompts)")
     return rows

@@ -24,7 +24,7 @@ source             file(s)                                          split     li
 
 Evaluation sets (``eval_*`` splits) must never be used for training. Attack styles live in
 ``jailbreaks.py``, the human-labelled judge data in ``scorer_rows.py``, user files in
-``prompt_files.py``.
+``prompt_files.py``, locally cached Hugging Face datasets (``hf:`` specs) in ``hf_datasets.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfmoa_ray.sources.hf_datasets import HF_PREFIX, load_hf_prompts
 from selfmoa_ray.sources.packages import data_path, read_json, read_yaml, snake
 from selfmoa_ray.sources.prompt_files import load_prompt_file
 from selfmoa_ray.sources.schema import PROMPT_COLUMNS, PromptRow, rows_to_table, table_to_rows
@@ -216,18 +217,23 @@ def load_source(name: str) -> list[PromptRow]:
 
 
 def load_prompts(spec: str) -> list[PromptRow]:
-    """A packaged source name, ``file:<path>``, or a path to a prompt file.
+    """A packaged source name, ``file:<path>``, ``hf:<repo>[:<config>][@<split>][#<column>]``
+    (or ``hf:<folder>``: a locally cached Hugging Face dataset, hf_datasets.py), or a path to a
+    prompt file. Every bad spec raises a ``ValueError`` saying why; nothing reaches the network.
 
-    Source names win over a same-named file in the working directory; use ``file:`` to force
-    a file.
+    Source names and ``hf:`` specs win over a same-named file in the working directory; use
+    ``file:`` to force a file.
     """
     if spec in SOURCES:
         return load_source(spec)
     if spec.startswith("file:"):
         return load_prompt_file(spec.removeprefix("file:"))
+    if spec.startswith(HF_PREFIX):
+        return load_hf_prompts(spec)
     if Path(spec).exists():
         return load_prompt_file(spec)
     raise ValueError(
-        f"{spec!r} is neither a prompt source ({', '.join(SOURCES)}) nor an existing file "
-        "(use file:<path> for .jsonl/.csv/.parquet)"
+        f"{spec!r} is neither a prompt source ({', '.join(SOURCES)}), nor an existing file "
+        "(use file:<path> for .jsonl/.csv/.parquet), nor a Hugging Face dataset "
+        "(hf:<org>/<name>[:<config>][@<split>][#<column>], or hf:<folder>)"
     )

@@ -1,6 +1,6 @@
 """Human-labelled (prompt, response) rows from PyRIT's ``datasets/scorer_evals/`` (MIT).
 
-They train and validate the CPU proxy judge (weak supervision, design.md section 4). Note: 12
+They train and validate the CPU proxy judge (weak supervision, docs/design.md section 4). Note: 12
 HarmBench behaviours appear among their objectives, so a judge trained on them has seen those
 held-out prompts (not their responses); the evaluation report says so.
 """

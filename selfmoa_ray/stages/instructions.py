@@ -1,6 +1,6 @@
 """Stage ``instructions``: red-team instructions for every topic.
 
-PT-ALIGN (design.md 2.2 step 2, "dedup as above"): each topic of ``stages/topics.py`` gets
+PT-ALIGN (docs/design.md 2.2 step 2, "dedup as above"): each topic of ``stages/topics.py`` gets
 ``pt_align.instructions_per_topic`` slots, filled by one of two writers
 (``pt_align.instruction_writer``):
 

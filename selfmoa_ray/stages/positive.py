@@ -1,6 +1,6 @@
 """Stage ``positive``: a harmless, still helpful answer for every red-team instruction.
 
-PT-ALIGN (design.md 2.2 step 3): the model drafts an answer under the human-written positive
+PT-ALIGN (docs/design.md 2.2 step 3): the model drafts an answer under the human-written positive
 constraints (a system prompt listing them, the domain's demonstrations as few-shot turns with
 their positive answers), then runs ``pt_align.critique_rounds`` rounds of critique-and-revise: a
 critique chat asks what in the answer breaks the rules (or "OK"), a revise chat asks for the

@@ -1,4 +1,4 @@
-"""Stage ``pt_filter``: keep the PT-ALIGN items whose two answers do their jobs (design.md 2.2 step 4).
+"""Stage ``pt_filter``: keep the PT-ALIGN items whose two answers do their jobs (docs/design.md 2.2 step 4).
 
 positives.parquet + toxics.parquet -> filtered.parquet. The two files are joined on ``id``. Each
 side may hold several candidate answers: the positive side its guided (critiqued and revised)

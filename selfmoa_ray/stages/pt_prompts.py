@@ -1,4 +1,4 @@
-"""What the PT-ALIGN generation stages say to the model, in one readable place (design.md 2.2).
+"""What the PT-ALIGN generation stages say to the model, in one readable place (docs/design.md 2.2).
 
 The stages ``topics``, ``instructions``, ``positive`` and ``toxic`` build every chat from the
 templates and helpers here. The wording is short and plain on purpose: it must work on a 135M

@@ -1,4 +1,4 @@
-"""Stage ``redteam``: new attack prompts aimed at where the policy failed last (design.md 2.1 step 1).
+"""Stage ``redteam``: new attack prompts aimed at where the policy failed last (docs/design.md 2.1 step 1).
 
 seeds + the earlier iterations' attacks and their success -> ``prompts.parquet``. Five steps:
 

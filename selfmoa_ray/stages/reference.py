@@ -3,7 +3,7 @@
 pairs.parquet -> pairs_ref.parquet (same rows, plus ``ref_chosen_logps``, ``ref_rejected_logps``
 and their length-averaged ``*_avg`` twins for IPO, and the token columns of
 :func:`selfmoa_ray.training.data.tokenize`). Computed once in a Ray Data pass through an actor
-pool, so that the trainer holds a single model (design.md 3) and never tokenises: it pads the
+pool, so that the trainer holds a single model (docs/design.md 3) and never tokenises: it pads the
 stored ids. The forward pass is the trainer's (same layout, weights dtype and autocast), so the
 numbers line up.
 """

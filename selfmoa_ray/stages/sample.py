@@ -1,4 +1,4 @@
-"""Stage ``sample``: the policy answers every prompt k times (design.md 2.1 step 2).
+"""Stage ``sample``: the policy answers every prompt k times (docs/design.md 2.1 step 2).
 
 prompts.parquet -> responses.parquet, streamed through the engine actor pool; the output folder is
 published atomically, so it exists only when every row was written.

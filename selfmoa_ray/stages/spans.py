@@ -1,5 +1,5 @@
 """Harmful-span marking: which characters of a toxic answer the unlikelihood term pushes down
-(design.md 2.2 step 4).
+(docs/design.md 2.2 step 4).
 
 Two ways to find them (``pt_align.spans``):
 

@@ -1,6 +1,6 @@
 """Stage ``topics``: the model lists harm topics for each human-written safety domain.
 
-PT-ALIGN (design.md 2.2 step 2) starts from a handful of human-written domains and lets the model
+PT-ALIGN (docs/design.md 2.2 step 2) starts from a handful of human-written domains and lets the model
 expand them: first into topics (this stage), then into red-team instructions per topic
 (``stages/instructions.py``). One chat per domain asks for ``pt_align.topics_per_domain`` short
 topics, with the domain's demonstrations as examples of the kind of harm; all domains go through

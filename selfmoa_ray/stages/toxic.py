@@ -1,6 +1,6 @@
 """Stage ``toxic``: a clearly harmful answer for every red-team instruction, a negative example.
 
-PT-ALIGN (design.md 2.2 step 3) trains the policy away from toxic answers (step 5, unlikelihood
+PT-ALIGN (docs/design.md 2.2 step 3) trains the policy away from toxic answers (step 5, unlikelihood
 on their harmful tokens), so the model writes them itself: a draft under the human-written toxic
 constraints (a system prompt listing them and saying this is a negative example for safety
 training, the domain's demonstrations as few-shot turns with their toxic answers), then

@@ -6,7 +6,9 @@ on ``train.num_workers`` workers with fractional CPUs (or GPUs), each streaming 
 tokenised rows. Ray Train keeps checkpoints under ``<run>/ray_train/<stage>``; running the stage
 again after a kill resumes from the newest one (Ray Train restores a run of the same name and
 storage path). Once the policy is published the checkpoints are deleted: a finished stage never
-runs again, so they would only fill the disk (1.6 GB of optimizer state for SmolLM2-135M).
+runs again, so they would only fill the disk (1.6 GB of optimizer state for SmolLM2-135M). Rank 0
+keeps every optimizer step's metrics in ``<stage>_history.jsonl`` (``iter_01/train_history.jsonl``,
+named in the stage's summary as ``history``), for the experiment tracker's training curves.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from selfmoa_ray.training.data import (
     kind_of,
     token_columns,
 )
+from selfmoa_ray.training.history import history_path
 from selfmoa_ray.training.loop import FINAL_DIR, train_loop_per_worker
 from selfmoa_ray.training.objective import check_columns
 
@@ -90,9 +93,11 @@ def fit(
     name: str,
     seed: int = 0,
     validation: dict[str, list[str]] | None = None,
+    history: Path | None = None,
 ) -> ray.train.Result:
     """Train on ``ds`` and return Ray Train's result, whose last checkpoint holds ``hf/``.
-    ``validation``: attack and benign prompts on which the worker keeps its best epoch."""
+    ``validation``: attack and benign prompts on which the worker keeps its best epoch.
+    ``history``: the file rank 0 writes each optimizer step's metrics to (training/history.py)."""
     check_columns(cfg, ds.schema().names)
     rows = ds.count()
     if rows < cfg.num_workers * cfg.batch_size:
@@ -111,6 +116,7 @@ def fit(
                 "rows": rows,
                 "seed": seed,
                 "validation": validation,
+                "history": str(history.resolve()) if history else None,
                 # Ray Train's folder for this run, where workers write checkpoints in place.
                 "checkpoint_root": str(storage / name),
                 "progress": progress,  # the console's bar (None when none is drawn)
@@ -157,6 +163,8 @@ def train(
     checkpoints of a finished stage are deleted (they only serve to resume a killed training)
     unless ``train.keep_checkpoints``. ``validation``: see :func:`fit`."""
 
+    history = history_path(stage)
+
     def work() -> dict[str, Any]:
         table = in_training_order(pq.read_table(run.path(data)), config.order, seed)
         ds = as_dataset(table, config.batch_size)
@@ -168,6 +176,7 @@ def train(
             name=stage,
             seed=seed,
             validation=validation,
+            history=run.path(history),
         )
         publish(result.checkpoint, run.path(out))
         keep = (
@@ -195,6 +204,7 @@ def train(
                 if (trace := result.metrics.get("validation_trace"))
                 else {}
             ),  # fmt: skip
+            "history": history,  # last: the stage's terminal line cuts it first
         }
 
     entry = run.run_stage(stage, [out], work)

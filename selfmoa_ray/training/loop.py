@@ -4,7 +4,9 @@ Each worker: loads the policy (LoRA through peft, or full fine-tuning), wraps it
 strategy, resumes from Ray Train's latest checkpoint if there is one, streams its shard of the
 pairs (or triples), runs the configured loss, and reports metrics through ``ray.train.report``,
 with a checkpoint every ``train.checkpoint_every`` optimizer steps and at the end of each epoch
-but the last. Rank 0 finally reports the exported Hugging Face folder as the last checkpoint.
+but the last. Rank 0 finally reports the exported Hugging Face folder as the last checkpoint, and
+writes every optimizer step's metrics to the stage's history file (training/history.py), the
+tracker's training curves.
 Checkpoints are written once, in place, into Ray Train's storage folder (``NO_UPLOAD``); the stage
 deletes them when it is done (``train.keep_checkpoints``).
 
@@ -31,6 +33,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointUploadMode
 
 from selfmoa_ray.training.data import collate, to_device
+from selfmoa_ray.training.history import StepHistory
 from selfmoa_ray.training.selection import ValidationPoint, best_point, validation_point
 
 FINAL_DIR = "hf"  # inside the last checkpoint: the exported policy
@@ -108,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     # The driver's progress bar (console.remote_progress), moved by rank 0; None when none is drawn.
     progress = config.get("progress") if rank == 0 else None
+    history = StepHistory(config.get("history") if rank == 0 else None, state["step"])
 
     def report(metrics: dict[str, float], save: bool) -> None:
         """Metrics, with a checkpoint when ``save``. Checkpoints are written straight into Ray
@@ -158,6 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["samples_per_s"] = (
                     (i + 1 - skip) * cfg.batch_size * world / (time.perf_counter() - started)
                 )
+                history.write(state["step"], epoch + (i + 1) / batches_per_epoch, metrics)
                 due = bool(cfg.checkpoint_every) and state["step"] % cfg.checkpoint_every == 0
                 if due or state["step"] % cfg.report_every == 0:
                     report(metrics, save=due)  # each report waits for Ray's controller poll
@@ -169,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The last epoch needs no checkpoint of its own: the export below is the final one.
         if epoch + 1 < cfg.epochs:
             report(metrics, save=cfg.checkpoint_epochs)
+    history.close()
 
     # The export: the kept epoch's policy in Hugging Face format, as the final checkpoint.
     zero_stage = cfg.zero_stage if cfg.strategy == "deepspeed" else None

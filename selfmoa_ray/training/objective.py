@@ -1,6 +1,6 @@
 """The configured training objective: a tokenised batch in, one scalar loss and its metrics out.
 
-``train.loss`` names an objective (training/objectives/: one module per loss, design.md 2.1 step
+``train.loss`` names an objective (training/objectives/: one module per loss, docs/design.md 2.1 step
 6 and 2.2 step 5); this module feeds it the policy's log-probabilities from one forward pass over
 chosen and rejected (or positive and toxic) responses together, and adds the optional terms any
 pair objective can carry: SFT on the chosen responses (``train.sft_weight``) and, with

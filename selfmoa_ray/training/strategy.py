@@ -11,12 +11,14 @@ set up (gloo on CPU, NCCL on GPUs).
   DeepSpeed under LoRA and ~10% faster for full fine-tuning (``benchmarks/training.py``).
 * DeepSpeed ZeRO-1/2/3 (bf16, optional CPU offload of optimizer state) for GPUs; ZeRO-1/2 also run
   on CPU over gloo. The first use in a fresh environment JIT-builds DeepSpeed's ``shm_comm`` op
-  (50-120 s, cached under ``~/.cache/torch_extensions``).
+  (50-120 s, cached under ``~/.cache/torch_extensions``). DeepSpeed is an extra
+  (``selfmoa-ray[deepspeed]``, part of ``[gpu]``), imported only when this strategy is used.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import torch
@@ -25,6 +27,10 @@ from selfmoa_ray.config import TrainSection
 from selfmoa_ray.precision import resolve_precision
 
 STATE_FILE = "train_state.pt"
+DEEPSPEED_MISSING = (
+    "train.strategy: deepspeed needs DeepSpeed, which is not installed: "
+    "pip install 'selfmoa-ray[deepspeed]' (or set train.strategy: ddp)"
+)
 
 
 class Strategy(Protocol):
@@ -61,6 +67,17 @@ def forward_numerics(cfg: TrainSection, device: str = "cpu") -> tuple[str, bool]
     if cfg.strategy == "deepspeed":
         return "bfloat16", False
     return ("bfloat16" if cfg.lora.enabled else "float32"), True
+
+
+def import_deepspeed() -> ModuleType:
+    """DeepSpeed, imported on first use: an optional extra that the default DDP path never needs."""
+    try:
+        import deepspeed
+    except ModuleNotFoundError as err:
+        if err.name != "deepspeed":  # installed but broken: DeepSpeed's own error says more
+            raise
+        raise ModuleNotFoundError(DEEPSPEED_MISSING, name="deepspeed") from err
+    return deepspeed
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -142,8 +159,9 @@ class DeepSpeedStrategy:
     """DeepSpeed ZeRO engine on Ray Train's process group."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainSection):
-        import deepspeed
         import ray.train
+
+        deepspeed = import_deepspeed()
 
         self.cfg = cfg
         self.world_size = ray.train.get_context().get_world_size()
@@ -187,6 +205,7 @@ class DeepSpeedStrategy:
 
 def _cpu_adam(params: list[torch.nn.Parameter], cfg: TrainSection) -> torch.optim.Optimizer:
     """ZeRO-Offload wants DeepSpeed's CPU Adam (JIT-built on first use)."""
+    import_deepspeed()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     return DeepSpeedCPUAdam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

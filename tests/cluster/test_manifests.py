@@ -593,12 +593,21 @@ def test_launcher_token_auth_and_local_dashboard() -> None:
 
 def test_launcher_installs_the_project_with_the_pinned_ray() -> None:
     import ray
+    from packaging.requirements import Requirement
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     config = _launcher()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert f"ray[data,train,serve]=={RAY_VERSION}" in pyproject["dependencies"]
-    assert pyproject["optional-dependencies"]["gpu"] == [f"ray[llm]=={RAY_VERSION}"]
+    # pyproject states ranges; the image's version is what the two constraints files pin.
+    rays = [
+        Requirement(r)
+        for r in pyproject["dependencies"] + pyproject["optional-dependencies"]["gpu"]
+    ]
+    rays = [r for r in rays if r.name == "ray"]
+    assert sorted(sorted(r.extras) for r in rays) == [["data", "serve", "train"], ["llm"]]
+    assert all(r.specifier.contains(RAY_VERSION) for r in rays)
+    for name in ("constraints-cpu.txt", "constraints-gpu.txt"):
+        assert f"ray=={RAY_VERSION}" in (ROOT / "requirements" / name).read_text().split()
     assert ray.__version__ == RAY_VERSION
     assert config["docker"]["image"].startswith(f"rayproject/ray:{RAY_VERSION}-")
     setup = " ".join(config["setup_commands"])
@@ -1053,3 +1062,32 @@ def test_serve_api_keys_come_from_a_secret_everywhere() -> None:
         assert ref == {"name": "selfmoa-api-keys", "key": "keys"}, group
     for app in _apps().values():
         assert not app["args"].get("allow_unauthenticated")
+
+
+GATED_INGRESS = "serve_apps.gate:GatedOpenAiIngress"
+DIRECT_STREAMING = "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"
+
+
+def test_the_vllm_policy_is_behind_the_key_gate() -> None:
+    """Ray Serve LLM has no key check of its own: the policy's ingress must be our gate, with
+    keys required, read from the Secret-backed env that every group sets (test above)."""
+    policy = pytest.importorskip("serve_apps.policy")
+    args = policy.PolicyAppArgs.model_validate(
+        {**_apps()["policy"]["args"], "served_model_name": "policy"}
+    )
+    serving = policy.vllm_serving_args(args, f"{SHARED_MOUNT}/runs/x/policy")
+    ingress = serving["ingress_cls_config"]
+    assert ingress["ingress_cls"] == GATED_INGRESS
+    gate = ingress["ingress_extra_kwargs"]["api_gate"]
+    assert gate["allow_unauthenticated"] is False
+    assert gate["api_keys_file"] is None or gate["api_keys_file"].startswith(SHARED_MOUNT)
+    # An app built with ray.serve.llm directly must name the gate as its ingress too.
+    for app in _serve_config()["applications"]:
+        if app["import_path"].startswith("ray.serve.llm"):
+            assert app["args"]["ingress_cls_config"]["ingress_cls"] == GATED_INGRESS, app["name"]
+    # Direct streaming makes vLLM's own server the ingress, without the gate: never on.
+    for app in _serve_config()["applications"]:
+        assert DIRECT_STREAMING not in (app.get("runtime_env") or {}).get("env_vars", {})
+    spec = _one("rayservice.yaml")["spec"]["rayClusterConfig"]
+    for group, group_spec in _groups(spec):
+        assert DIRECT_STREAMING not in _env(_ray_container(group_spec)), group

@@ -1,6 +1,6 @@
 """A job submitted to a real Ray head (``ray start --head`` on loopback) through Ray's job CLI, as
 a user submits one (``ray job submit``): ``jobs/align.py`` with the project as the job's working
-directory, Ray's token authentication on (``RAY_AUTH_MODE=token`` on the client, design.md 5.1)."""
+directory, Ray's token authentication on (``RAY_AUTH_MODE=token`` on the client, docs/design.md 5.1)."""
 
 from __future__ import annotations
 

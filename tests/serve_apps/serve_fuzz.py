@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from serve_apps.limits import ErrorResponse
+from serve_apps.errors import ErrorResponse
 
 JSON = st.recursive(
     st.none()
@@ -81,8 +81,10 @@ def check_answer(
     status, text = response.status_code, response.text
     assert status < 500, (status, text[:500])
     assert status in documented, (status, sorted(documented), text[:500])
-    if status >= 400:
-        ErrorResponse.model_validate(response.json())
+    if status >= 400:  # OpenAI's error shape, every key present
+        body = response.json()
+        ErrorResponse.model_validate(body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
         return
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]

@@ -8,9 +8,10 @@ to the replicas through ``SELFMOA_API_KEYS``:
   requests per replica (anything beyond is shed with 503);
 * ``/serial``: batching off, 1 s per request, a 1.6 s request timeout (504).
 
-One test deploys the demo judge (refusal matcher + MiniLM probe) for a few seconds, one an app
-whose replicas have no key. The auth and limits modules, the batch merging and the Serve config
-file are also checked on their own, without Ray.
+One test deploys the demo judge (refusal matcher + MiniLM probe) for a few seconds, one a judge
+with Llama Guard (on the tiny random model) beside them for ``/v1/moderations``, spoken to by the
+real OpenAI client, and one an app whose replicas have no key. The auth, limits and error modules,
+the batch merging and the Serve config file are also checked on their own, without Ray.
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import yaml
 from fastapi import Depends, FastAPI
@@ -39,6 +41,7 @@ from serve_apps.evaluator import (
     resolve_args,
 )
 from serve_apps.limits import install_limits, limited_app, run_with_timeout
+from serve_apps.moderation import ModerationsResponse
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key-0123456789abcdef"
@@ -53,6 +56,17 @@ MAX_CHARS = 2000
 
 def _no_trace(text: str) -> bool:
     return "Traceback" not in text and 'File "' not in text and ".py" not in text
+
+
+def _openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The error of ``r``: OpenAI's shape exactly, with ``status``, its type and ``code``."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(r.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert code is None or error["code"] == code, error
+    assert _no_trace(r.text)
+    return error
 
 
 def _deployment(**options):
@@ -188,23 +202,26 @@ def test_auth_and_limits_on_a_plain_fastapi_app():
 
     c = TestClient(app, raise_server_exceptions=False)
     r = c.post("/echo", json={"a": 1})
-    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
-    assert r.json()["error"]["type"] == "unauthorized"
-    assert c.post("/echo", json={"a": 1}, headers={"X-API-Key": "wrong" * 5}).status_code == 401
+    _openai_error(r, 401, "missing_api_key")
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    r = c.post("/echo", json={"a": 1}, headers={"X-API-Key": "wrong" * 5})
+    _openai_error(r, 401, "invalid_api_key")
     assert c.post("/echo", json={"a": 1}, headers={"X-API-Key": KEY}).json() == {"a": 1}
     assert c.post("/echo", json={"a": 1}, headers=AUTH).json() == {"a": 1}
 
     r = c.get("/boom")
-    assert r.status_code == 500
-    assert r.json() == {"error": {"type": "internal_error", "message": "internal error"}}
-    assert "secret" not in r.text and _no_trace(r.text)
+    _openai_error(r, 500)
+    assert r.json()["error"]["code"] is None and "secret" not in r.text
 
-    assert c.get("/slow").status_code == 504
-    assert c.get("/slow").json()["error"]["type"] == "timeout"
+    _openai_error(c.get("/slow"), 504, "timeout")
+    # No such route, or method: OpenAI's "Invalid URL" (a client's wrong base_url shows).
+    error = _openai_error(c.post("/v1/chat/completions", headers=AUTH), 404)
+    assert error["message"] == "Invalid URL (POST /v1/chat/completions)."
+    _openai_error(c.get("/echo", headers=AUTH), 405)
 
     big = json.dumps({"a": "x" * 2000}).encode()
     r = c.post("/echo", content=big, headers={**AUTH, "content-type": "application/json"})
-    assert r.status_code == 413 and r.json()["error"]["limit"] == 1024
+    assert "1024 bytes" in _openai_error(r, 413, "request_too_large")["message"]
 
     def chunks():  # no Content-Length: the body is counted as it streams in
         yield b'{"a": "'
@@ -213,7 +230,7 @@ def test_auth_and_limits_on_a_plain_fastapi_app():
         yield b'"}'
 
     r = c.post("/echo", content=chunks(), headers={**AUTH, "content-type": "application/json"})
-    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+    _openai_error(r, 413, "request_too_large")
 
 
 def test_batches_that_queue_behind_a_busy_judge_are_merged():
@@ -365,21 +382,20 @@ def test_moderate_one_response_or_one_prompt(client):
     assert result["safety"] is None and result["refusal"] is None and result["helpfulness"] is None
 
     r = client.post("/ev/v1/moderate", json={}, headers=AUTH)
-    assert r.status_code == 422 and "prompt, a response" in r.text
+    assert "prompt, a response" in _openai_error(r, 400, "invalid_value")["message"]
 
 
 def test_missing_or_wrong_key_is_401(client):
     body = {"items": [{"prompt": "p", "response": "r"}]}
-    for headers in (
-        {},
-        {"Authorization": "Bearer wrong-key-0123456789abcdef"},
-        {"Authorization": f"Basic {KEY}"},
-        {"X-API-Key": KEY + "x"},
+    for headers, code in (
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer wrong-key-0123456789abcdef"}, "invalid_api_key"),
+        ({"Authorization": f"Basic {KEY}"}, "missing_api_key"),  # not a bearer token
+        ({"X-API-Key": KEY + "x"}, "invalid_api_key"),
     ):
         r = client.post("/ev/v1/evaluate", json=body, headers=headers)
-        assert r.status_code == 401, (headers, r.text)
+        _openai_error(r, 401, code)
         assert r.headers["www-authenticate"].startswith("Bearer")
-        assert r.json()["error"]["type"] == "unauthorized" and _no_trace(r.text)
         assert KEY not in r.text
     for path in ("/ev/v1/moderate", "/ev/v1/stats"):
         assert client.request("POST" if "mod" in path else "GET", path).status_code == 401
@@ -390,19 +406,20 @@ def test_missing_or_wrong_key_is_401(client):
     assert client.get("/ev/healthz").json() == {"status": "ok"}  # no key needed
 
 
-def test_oversize_is_413(client):
+def test_over_a_limit_is_400_and_a_body_over_the_cap_413(client):
     item = {"prompt": "p", "response": "r"}
     r = client.post("/ev/v1/evaluate", json={"items": [item] * (MAX_ITEMS + 1)}, headers=AUTH)
-    assert r.status_code == 413, r.text
-    assert r.json()["error"]["errors"][0]["loc"] == ["body", "items"]
+    error = _openai_error(r, 400, "array_above_max_length")
+    assert error["param"] == "items" and str(MAX_ITEMS) in error["message"]
 
     long_item = {"prompt": "p", "response": "x" * (MAX_CHARS + 1)}
     r = client.post("/ev/v1/evaluate", json={"items": [long_item]}, headers=AUTH)
-    assert r.status_code == 413, r.text
+    error = _openai_error(r, 400, "string_above_max_length")
+    assert error["param"] == "items[0].response" and str(MAX_CHARS) in error["message"]
 
     big = json.dumps({"items": [{"prompt": "p", "response": "x" * MAX_BODY}]})
     r = client.post("/ev/v1/evaluate", content=big, headers={**AUTH, "content-type": "application/json"})  # fmt: skip
-    assert r.status_code == 413 and r.json()["error"]["limit"] == MAX_BODY
+    assert str(MAX_BODY) in _openai_error(r, 413, "request_too_large")["message"]
 
     def chunks():  # chunked upload, no Content-Length
         yield b'{"items": [{"prompt": "p", "response": "'
@@ -412,29 +429,34 @@ def test_oversize_is_413(client):
 
     headers = {**AUTH, "content-type": "application/json"}
     r = client.post("/ev/v1/evaluate", content=chunks(), headers=headers)
-    assert r.status_code == 413 and _no_trace(r.text)
+    _openai_error(r, 413, "request_too_large")
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("content", "param", "code"),
     [
-        b'{"items": [{"prompt": "p", "response": ',  # malformed JSON
-        b'{"items": [{"prompt": "p"}]}',  # missing field
-        b'{"items": [{"prompt": 1, "response": ["r"]}]}',  # wrong types
-        b'{"items": []}',  # empty batch
-        b'{"items": [{"prompt": "p", "response": "r"}], "extra": 1}',  # unknown field
-        b'[{"prompt": "p", "response": "r"}]',  # not an object
-        b'{"items": [{"prompt": "p", "response": "r"}], "details": 0}',  # 0 is not a boolean
-        b'{"items": [{"prompt": "p", "response": "r", "id": 7}]}',  # 7 is not a string
+        (b'{"items": [{"prompt": "p", "response": ', None, None),  # malformed JSON
+        (b'{"items": [{"prompt": "p"}]}', "items[0].response", "missing_required_parameter"),
+        (b'{"items": [{"prompt": 1, "response": "r"}]}', "items[0].prompt", "invalid_type"),
+        (b'{"items": []}', "items", "empty_array"),
+        (
+            b'{"items": [{"prompt": "p", "response": "r"}], "extra": 1}',
+            "extra",
+            "unknown_parameter",
+        ),
+        (b'[{"prompt": "p", "response": "r"}]', None, "invalid_type"),  # not an object
+        (b'{"items": [{"prompt": "p", "response": "r"}], "details": 0}', "details", "invalid_type"),
+        (b'{"items": [{"prompt": "p", "response": "r", "id": 7}]}', "items[0].id", "invalid_type"),
     ],
 )
-def test_malformed_is_422(client, content):
+def test_malformed_is_400_in_openais_shape(client, content, param, code):
+    """As the OpenAI API answers an invalid request: 400 invalid_request_error, the field at fault
+    in ``param``, the cause in ``code``, and never the request's values."""
     headers = {**AUTH, "content-type": "application/json"}
     r = client.post("/ev/v1/evaluate", content=content, headers=headers)
-    assert r.status_code == 422, r.text
-    error = r.json()["error"]
-    assert error["type"] == "validation_error" and error["errors"] and _no_trace(r.text)
-    assert all(set(e) == {"loc", "msg", "type"} for e in error["errors"])  # never the input
+    error = _openai_error(r, 400, code)
+    assert error["param"] == param, error
+    assert '"p"' not in error["message"] and "'p'" not in error["message"]
 
 
 @pytest.mark.parametrize("route", ["/v1/evaluate", "/v1/moderate"])
@@ -442,7 +464,7 @@ def test_undecodable_body_is_a_documented_400(client, route):
     """Schemathesis found this: a body that is not UTF-8 got a 400 the schema did not list."""
     headers = {**AUTH, "content-type": "application/json"}
     r = client.post(f"/ev{route}", content=b"?\xff@\xfe\xfd", headers=headers)
-    assert r.status_code == 400 and r.json()["error"]["type"] == "bad_request", r.text
+    _openai_error(r, 400)
     spec = client.get("/ev/openapi.json").json()
     assert "400" in spec["paths"][route]["post"]["responses"]
 
@@ -451,7 +473,12 @@ def test_openapi_docs(client):
     spec = client.get("/ev/openapi.json").json()
     assert {"/v1/evaluate", "/v1/moderate", "/healthz"} <= set(spec["paths"])
     evaluate = spec["paths"]["/v1/evaluate"]["post"]
-    assert {"401", "413", "422", "503", "504"} <= set(evaluate["responses"])
+    assert {"400", "401", "413", "503", "504"} <= set(evaluate["responses"])
+    assert "422" not in evaluate["responses"]  # invalid requests are 400s, as OpenAI's
+    error = spec["components"]["schemas"]["ErrorDetail"]
+    assert set(error["required"]) == {"message", "type", "param", "code"}
+    moderations = spec["paths"]["/v1/moderations"]["post"]
+    assert {"400", "401", "404", "413", "503", "504"} <= set(moderations["responses"])
     request = spec["components"]["schemas"]["EvaluateRequest"]
     assert request["properties"]["items"]["maxItems"] == MAX_ITEMS
     # `{}` is refused (422), and the document says so: a prompt, a response, or both.
@@ -489,7 +516,7 @@ def test_batching_off_scores_requests_alone_and_slow_ones_time_out(client):
     assert set(codes) <= {200, 504} and codes[504] >= 2, codes
     for r in responses:
         if r.status_code == 504:
-            assert r.json()["error"]["type"] == "timeout" and _no_trace(r.text)
+            _openai_error(r, 504, "timeout")
     assert time.monotonic() - t0 < 10
     stats = _stats(client, "/serial")
     assert stats["batching"] is False and stats["max_batch_requests"] <= 1, stats
@@ -524,6 +551,134 @@ def test_probe_judge_details(client):
         assert 0.0 <= result["safety"] <= 1.0
     finally:
         serve.delete("evaluator-probe")
+
+
+# ----------------------------------------------------------------- /v1/moderations
+
+
+def _info(name: str, kind: str, provides: list[str], weight: float = 1.0):
+    from serve_apps.evaluator import EvaluatorInfo
+
+    return EvaluatorInfo(name=name, kind=kind, weight=weight, provides=provides)
+
+
+def test_moderation_categories_from_scored_rows():
+    """The categories each evaluator gives, from rows as the app scores them."""
+    from serve_apps.moderation import Categories
+
+    judge = [_info("refusal", "refusal", ["refusal"]), _info("probe", "probe", ["safety"]),
+             _info("llama_guard", "llama_guard", ["safety"]),
+             _info("guard2", "llama_guard", ["safety"])]  # fmt: skip
+    categories = Categories(judge, unsafe_threshold=0.4)
+    assert categories.available
+    row = {"safety": 0.3, "unsafe": True, "evaluators": {
+        "refusal": {"flag": False}, "probe": {"harm": 0.7, "safety": 0.5},
+        "llama_guard": {"safety": 0.1, "p_unsafe": 0.9, "category": "S1,S10"},
+        "guard2": {"safety": 0.8, "p_unsafe": 0.2, "category": ""}}}  # fmt: skip
+    result = categories.result(row)
+    scores, flags = result["category_scores"], result["categories"]
+    assert scores["unsafe"] == pytest.approx(0.7) and flags["unsafe"] is True
+    assert scores["harm"] == 0.7 and flags["harm"] is True  # above 1 - unsafe_threshold
+    assert flags["violent_crimes"] and flags["hate"] and scores["hate"] == 0.9
+    assert not flags["elections"] and scores["elections"] == 0.0
+    # A second Llama Guard under its own name: its categories carry the name.
+    assert "guard2/hate" in flags and not any(v for k, v in flags.items() if "guard2" in k)
+    assert len(flags) == 2 + 2 * 14 and set(result["category_applied_input_types"]) == set(flags)
+    assert result["flagged"] is True
+
+    calm = categories.result({"safety": 0.9, "unsafe": False, "evaluators": {
+        "probe": {"harm": 0.1}, "llama_guard": {"p_unsafe": 0.1, "category": ""}}})  # fmt: skip
+    assert calm["flagged"] is False and calm["category_scores"]["unsafe"] == pytest.approx(0.1)
+    # NaN safety (no evaluator could judge the text) is no verdict, not "safe".
+    unjudged = categories.result({"safety": float("nan"), "unsafe": False, "evaluators": {}})
+    assert "unsafe" not in unjudged["categories"]
+    # The refusal matcher alone judges no text: moderation is unavailable, not "all clear".
+    assert not Categories([judge[0]], 0.5).available
+    assert not Categories([_info("probe", "probe", ["safety"], weight=0.0)], 0.5).available
+
+
+def test_hazard_names_are_llama_guards():
+    from selfmoa_ray.evaluators.llama_guard import HAZARDS
+    from serve_apps.moderation import HAZARD_NAMES, hazard_slug, model_name
+
+    assert {hazard_slug(name): code for code, name in HAZARDS.items()} == HAZARD_NAMES
+    assert model_name("demo") == "selfmoa-demo"
+    assert model_name("/srv/judges/guard.yaml") == "selfmoa-guard"
+
+
+def _openai_client(client: httpx.Client, prefix: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=_url(client, f"{prefix}/v1"), api_key=key, max_retries=0, timeout=120
+    )
+
+
+def test_moderations_errors_with_the_openai_client(client):
+    ev = _openai_client(client, "/ev")
+    # The refusal matcher alone cannot judge a text: a clear 404, not results it did not judge.
+    with pytest.raises(openai.NotFoundError) as err:
+        ev.moderations.create(input="hello")
+    assert err.value.code == "moderation_unavailable" and "/v1/evaluate" in err.value.message
+    with pytest.raises(openai.NotFoundError) as err:
+        ev.moderations.create(input="hello", model="omni-moderation-latest")
+    assert err.value.code == "model_not_found" and "selfmoa-tiny" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        ev.moderations.create(input=[])
+    assert err.value.code == "empty_array" and err.value.param == "input"
+    assert err.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as err:
+        ev.moderations.create(input=["x"] * (MAX_ITEMS + 1))
+    assert err.value.code == "array_above_max_length"
+    with pytest.raises(openai.BadRequestError) as err:
+        ev.moderations.create(input=["ok", "x" * (MAX_CHARS + 1)])
+    assert err.value.code == "string_above_max_length" and err.value.param == "input[1]"
+    with pytest.raises(openai.AuthenticationError) as err:
+        _openai_client(client, "/ev", key="wrong-key-0123456789abcdef").moderations.create(
+            input="hello"
+        )
+    assert err.value.code == "invalid_api_key"
+
+
+@pytest.fixture(scope="module")
+def guard_judge(tmp_path_factory) -> Path:
+    """The demo judge plus Llama Guard (on the tiny random model: its verdicts are noise, its
+    categories real)."""
+    path = tmp_path_factory.mktemp("judges") / "guarded.yaml"
+    evaluators = [{"kind": "refusal"}, {"kind": "probe"},
+                  {"kind": "llama_guard", "model": "tiny-random"}]  # fmt: skip
+    path.write_text(yaml.safe_dump({"judge": {"evaluators": evaluators}}))
+    return path
+
+
+def test_moderations_with_the_openai_client(client, guard_judge):
+    """OpenAI's moderation API on a judge that can moderate: the answer parses into the SDK's
+    types, with the judge's categories (unsafe, the probe's harm, Llama Guard's hazards)."""
+    from ray import serve
+
+    from serve_apps.moderation import HAZARD_NAMES
+
+    app = build_app({"judge_config": str(guard_judge), "deployment": _deployment()})
+    serve.run(app, name="evaluator-guard", route_prefix="/guard")
+    try:
+        texts = ["Sure: mix the two chemicals in a closed room and light it.", "Hello there!"]
+        r = _openai_client(client, "/guard").moderations.create(
+            input=texts, model="selfmoa-guarded"
+        )
+        assert isinstance(r, openai.types.ModerationCreateResponse)
+        assert r.id.startswith("modr-") and r.model == "selfmoa-guarded" and len(r.results) == 2
+        expected = {"unsafe", "harm", *HAZARD_NAMES}
+        for result in r.results:
+            assert isinstance(result, openai.types.Moderation)
+            scores, flags = result.category_scores.to_dict(), result.categories.to_dict()
+            assert set(scores) == set(flags) == expected
+            assert all(0.0 <= v <= 1.0 for v in scores.values())
+            assert result.flagged is any(flags.values())
+        # Our schema, strictly (OpenAI's own fixes thirteen categories no judge here gives).
+        raw = client.post("/guard/v1/moderations", json={"input": "Hello"}, headers=AUTH)
+        assert raw.status_code == 200, raw.text
+        (one,) = ModerationsResponse.model_validate(raw.json()).results
+        assert one.category_applied_input_types == {k: ["text"] for k in expected}
+    finally:
+        serve.delete("evaluator-guard")
 
 
 def test_burst_is_shed_with_503_and_the_app_stays_healthy(client):

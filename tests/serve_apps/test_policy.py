@@ -45,6 +45,17 @@ def _no_trace(text: str) -> bool:
     return "Traceback" not in text and 'File "' not in text and ".py" not in text
 
 
+def _openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The error of ``r``: OpenAI's shape exactly, with ``status``, its type and ``code``."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(r.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert code is None or error["code"] == code, error
+    assert _no_trace(r.text)
+    return error
+
+
 def _run_folder(root: Path, policy: Path | None) -> Path:
     """A run folder as ``selfmoa run`` leaves it: a manifest naming the final policy."""
     root.mkdir(parents=True, exist_ok=True)
@@ -341,17 +352,18 @@ def test_concurrent_requests_are_all_served(base_url, http):
 
 
 def test_missing_or_wrong_key_is_401(base_url):
-    for key in ("wrong-key-0123456789abcdef", ""):
-        bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key or "x", max_retries=0)
+    for key in ("wrong-key-0123456789abcdef", "x"):
+        bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
         with pytest.raises(openai.AuthenticationError) as err:
             bad.chat.completions.create(model=SERVED, messages=HELLO, max_tokens=2)
-        assert err.value.status_code == 401 and KEY not in str(err.value.body)
+        # As the OpenAI API answers a bad key: 401, invalid_request_error, invalid_api_key.
+        assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+        assert err.value.type == "invalid_request_error" and KEY not in str(err.value.body)
         assert _no_trace(json.dumps(err.value.body))
     r = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO})
-    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
-    assert r.json()["error"]["code"] == "missing_api_key"
+    _openai_error(r, 401, "missing_api_key")
     r = httpx.get(f"{base_url}/v1/models", headers={"X-API-Key": "wrong-key-0123456789abcdef"})
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    _openai_error(r, 401, "invalid_api_key")
     assert httpx.get(f"{base_url}/v1/models").status_code == 401
 
 
@@ -359,14 +371,18 @@ def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
     assert err.value.code == "model_not_found" and SERVED in err.value.message
+    assert err.value.param == "model" and err.value.type == "invalid_request_error"
     assert _no_trace(json.dumps(err.value.body))
+    # A client pointed at the wrong base_url (no /v1) hears which URL it asked for.
+    r = httpx.post(client.base_url.join("/policy/chat/completions"), json={}, headers=AUTH)
+    assert _openai_error(r, 404)["message"] == "Invalid URL (POST /policy/chat/completions)."
 
 
 def test_a_long_model_name_is_not_echoed_back(http):
     for name in ("m" * 200, "m" * 10_000):
         r = http.post("/v1/chat/completions", json={"messages": HELLO, "model": name},
                       headers=AUTH)  # fmt: skip
-        assert r.status_code in (404, 413), r.text
+        assert r.status_code in (400, 404, 413), r.text
         assert len(r.content) < 1000 and "m" * 100 not in r.text
     r = http.get("/v1/models/" + "m" * 5000, headers=AUTH)
     assert r.status_code == 404 and len(r.content) < 1000
@@ -389,8 +405,9 @@ def test_stop_sequences_are_bounded(base_url, http):
             body = {"messages": HELLO, "max_tokens": 8, "stop": stop, "stream": stream}
             started = time.perf_counter()
             r = http.post("/v1/chat/completions", json=body, headers=AUTH)
-            assert r.status_code in (413, 422), (stop, r.text)
-            assert r.json()["error"]["type"] in ("validation_error", "payload_too_large")
+            assert r.status_code in (400, 413), (stop, r.text)
+            if r.status_code == 400:
+                assert _openai_error(r, 400)["param"].startswith("stop"), r.text
             assert time.perf_counter() - started < 5  # refused, not generated
     body = {"messages": HELLO, "max_tokens": 8, "stop": ["y" * MAX_STOP_CHARS] * 4, "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
@@ -400,9 +417,13 @@ def test_stop_sequences_are_bounded(base_url, http):
 
 def test_types_are_strict(http):
     for extra in ({"max_tokens": "4"}, {"max_tokens": True}, {"n": 1.5}, {"stream": 1},
-                  {"temperature": "0.5"}, {"seed": "7"}, {"n": 1e300}):  # fmt: skip
+                  {"temperature": "0.5"}, {"seed": "7"}):  # fmt: skip
         r = http.post("/v1/chat/completions", json={"messages": HELLO, **extra}, headers=AUTH)
-        assert r.status_code == 422, (extra, r.text)
+        error = _openai_error(r, 400, "invalid_type")
+        assert error["param"] == next(iter(extra)), error
+    # 1e300 is an integer to JSON Schema (as 4.0 is 4, below), just far over the limit.
+    r = http.post("/v1/chat/completions", json={"messages": HELLO, "n": 1e300}, headers=AUTH)
+    assert _openai_error(r, 400, "integer_above_max_value")["param"] == "n"
     body = {"messages": HELLO, "max_tokens": 2, "temperature": 1}  # an integer is a number
     assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
     # JSON Schema's integer admits 2.0 (schemathesis sent n: 4.0 as schema-valid): so do we.
@@ -428,39 +449,46 @@ def test_a_temperature_too_small_to_sample_is_greedy(client, http):
     assert text(1e-300) == text(0) == text(1e-300, stream=True)
 
 
-def test_max_tokens_over_the_cap_is_422(client, http):
-    with pytest.raises(openai.UnprocessableEntityError) as err:
-        client.chat.completions.create(
-            model=SERVED, messages=HELLO, max_tokens=MAX_TOKENS_LIMIT + 1
-        )
-    (error,) = err.value.body["errors"]
-    assert error["loc"] == ["body", "max_tokens"] and str(MAX_TOKENS_LIMIT) in error["msg"]
-    body = {"messages": HELLO, "max_completion_tokens": MAX_TOKENS_LIMIT + 1}
-    assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 422
-    r = http.post("/v1/chat/completions", json={"messages": HELLO, "n": 4}, headers=AUTH)
-    assert r.status_code == 422  # max_n = 3
+def test_max_tokens_or_n_over_the_cap_is_a_bad_request(client, http):
+    """As the OpenAI API answers it: BadRequestError, with the field and OpenAI's code."""
+    limit = MAX_TOKENS_LIMIT + 1
+    for over in ({"max_tokens": limit}, {"max_completion_tokens": limit}, {"n": 4}):  # max_n 3
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=SERVED, messages=HELLO, **over)
+        (param,) = over
+        assert err.value.status_code == 400 and err.value.type == "invalid_request_error"
+        assert err.value.code == "integer_above_max_value" and err.value.param == param
+        assert str(over[param] - 1) in err.value.message  # the limit, e.g. "<= 32"
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("content", "param", "code"),
     [
-        b'{"messages": [{"role": "user", "content": "hi"}',  # malformed JSON
-        b'{"model": "x"}',  # no messages
-        b'{"messages": []}',  # empty
-        b'{"messages": [{"role": "tool", "content": "hi"}]}',  # unsupported role
-        b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
-        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 3}',
-        b'{"messages": [{"role": "user", "content": "hi"}], "stream": "maybe"}',
-        b'[{"role": "user", "content": "hi"}]',  # not an object
+        (b'{"messages": [{"role": "user", "content": "ZQX"}', None, None),  # malformed JSON
+        (b'{"model": "x"}', "messages", "missing_required_parameter"),
+        (b'{"messages": []}', "messages", "empty_array"),
+        (b'{"messages": [{"role": "tool", "content": "ZQX"}]}', "messages[0].role", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+         "messages[0].content[0].type", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "ZQX"}], "temperature": 3}',
+         "temperature", "decimal_above_max_value"),
+        (b'{"messages": [{"role": "user", "content": "ZQX"}], "stream": "maybe"}',
+         "stream", "invalid_type"),
+        (b'[{"role": "user", "content": "ZQX"}]', None, "invalid_type"),  # not an object
     ],
-)
-def test_malformed_is_422(http, content):
+)  # fmt: skip
+def test_malformed_is_400_in_openais_shape(client, http, content, param, code):
+    """400 invalid_request_error with ``param`` and ``code`` as OpenAI's, never the input; the
+    OpenAI client raises BadRequestError for it."""
     headers = {**AUTH, "content-type": "application/json"}
     r = http.post("/v1/chat/completions", content=content, headers=headers)
-    assert r.status_code == 422, r.text
-    error = r.json()["error"]
-    assert error["type"] == "validation_error" and error["errors"] and _no_trace(r.text)
-    assert all(set(e) == {"loc", "msg", "type"} for e in error["errors"])  # never the input
+    error = _openai_error(r, 400, code)
+    assert error["param"] == param, error
+    assert "ZQX" not in error["message"]  # the request's values are not echoed
+    if code is not None:  # what the OpenAI client makes of it (it only sends valid JSON)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.post("/chat/completions", cast_to=object, body=json.loads(content))
+        assert err.value.code == code and err.value.param == param
 
 
 def test_the_seed_bound_is_exact_in_json_numbers(http):
@@ -476,55 +504,53 @@ def test_the_seed_bound_is_exact_in_json_numbers(http):
     r = http.post("/v1/chat/completions", json={**body, "seed": limit - 1}, headers=AUTH)
     assert r.status_code == 200, r.text
     r = http.post("/v1/chat/completions", json={**body, "seed": limit}, headers=AUTH)
-    assert r.status_code == 422, r.text
+    assert _openai_error(r, 400, "integer_above_max_value")["param"] == "seed"
 
 
 def test_undecodable_body_is_a_documented_400(http):
     headers = {**AUTH, "content-type": "application/json"}
     r = http.post("/v1/chat/completions", content=b"?\xff@\xfe\xfd", headers=headers)
-    assert r.status_code == 400 and r.json()["error"]["type"] == "bad_request", r.text
+    _openai_error(r, 400)
     route = http.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
     assert "not UTF-8" in route["responses"]["400"]["description"]
 
 
 def test_the_schema_says_streams_carry_one_choice(http):
-    """Schemathesis sent stream: true with n: 2, valid by the schema, and got 400 unsupported."""
+    """Schemathesis sent stream: true with n: 2, valid by the schema, and got a 400."""
     schemas = http.get("/openapi.json").json()["components"]["schemas"]
     request = schemas["ChatCompletionRequest"]
     assert request["if"]["properties"]["stream"] == {"const": True}
     assert request["then"]["properties"]["n"] == {"const": 1}
     body = {"messages": HELLO, "n": 2, "stream": True}
     r = http.post("/v1/chat/completions", json=body, headers=AUTH)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported"
+    assert _openai_error(r, 400, "unsupported_value")["param"] == "n"
 
 
-def test_oversize_is_413(http):
+def test_over_a_limit_is_400_and_a_body_over_the_cap_413(http):
     long = {"messages": [{"role": "user", "content": "x" * (MAX_CHARS + 1)}]}
     r = http.post("/v1/chat/completions", json=long, headers=AUTH)
-    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+    error = _openai_error(r, 400, "string_above_max_length")
+    assert error["param"] == "messages[0].content" and str(MAX_CHARS) in error["message"]
     many = {"messages": HELLO * (MAX_MESSAGES + 1)}
-    assert http.post("/v1/chat/completions", json=many, headers=AUTH).status_code == 413
+    r = http.post("/v1/chat/completions", json=many, headers=AUTH)
+    assert _openai_error(r, 400, "array_above_max_length")["param"] == "messages"
     big = json.dumps({"messages": [{"role": "user", "content": "x" * MAX_BODY}]})
     headers = {**AUTH, "content-type": "application/json"}
     r = http.post("/v1/chat/completions", content=big, headers=headers)
-    assert r.status_code == 413 and r.json()["error"]["limit"] == MAX_BODY and _no_trace(r.text)
+    assert str(MAX_BODY) in _openai_error(r, 413, "request_too_large")["message"]
 
 
 def test_unsupported_requests_are_400(http):
     cases = [
-        {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
-        {"messages": HELLO, "logprobs": True},
-        {"messages": HELLO, "stream": True, "n": 2},
-        {
-            "messages": HELLO,
-            "max_tokens": MAX_TOKENS_LIMIT,
-            "response_format": {"type": "json_object"},
-        },
-    ]
-    for body in cases:
-        r = http.post("/v1/chat/completions", json=body, headers=AUTH)
-        assert r.status_code == 400, (body, r.text)
-        assert r.json()["error"]["code"] == "unsupported" and _no_trace(r.text)
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "parameter"),
+        ({"logprobs": True}, "logprobs", "value"),
+        ({"stream": True, "n": 2}, "n", "value"),
+        ({"max_tokens": MAX_TOKENS_LIMIT, "response_format": {"type": "json_object"}},
+         "response_format", "value"),
+    ]  # fmt: skip
+    for extra, param, what in cases:
+        r = http.post("/v1/chat/completions", json={"messages": HELLO, **extra}, headers=AUTH)
+        assert _openai_error(r, 400, f"unsupported_{what}")["param"] == param, (extra, r.text)
     # Fields that change nothing here are tolerated, as OpenAI clients send them.
     body = {"messages": HELLO, "max_tokens": 2, "user": "u1", "store": False, "presence_penalty": 0}
     assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
@@ -535,15 +561,15 @@ def test_prompt_over_the_context_is_400(http):
     words = " ".join(["hello"] * 316)
     body = {"messages": [{"role": "user", "content": words}] * MAX_MESSAGES, "max_tokens": 4}
     r = http.post("/v1/chat/completions", json=body, headers=AUTH)
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["code"] == "context_length_exceeded" and "2048" in r.text
+    assert "2048" in _openai_error(r, 400, "context_length_exceeded")["message"]
 
 
 def test_openapi_docs(http):
     spec = http.get("/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
-    assert {"400", "401", "404", "413", "422", "503", "504"} <= set(responses)
+    assert {"400", "401", "404", "413", "503", "504"} <= set(responses)
+    assert "422" not in responses  # invalid requests are 400s, as OpenAI's
     # Serve's own 503 is documented as what it is: plain text, with Retry-After.
     assert set(responses["503"]["content"]) == {"text/plain"}
     assert "Retry-After" in responses["503"]["headers"]
@@ -592,6 +618,7 @@ def test_fuzzed_chat_requests_get_no_server_error_and_documented_answers(http):
     OpenAPI document lists, errors in the one JSON shape, answers that parse as documented."""
     documented = documented_statuses(http, "/v1/chat/completions")
     seen: Counter[int] = Counter()
+    codes: Counter[str | None] = Counter()  # the errors' OpenAI codes
 
     @fuzz_settings(max_examples=100)
     @given(body=mostly(bodies(CHAT_REQUIRED, CHAT_OPTIONAL), JSON))
@@ -599,9 +626,11 @@ def test_fuzzed_chat_requests_get_no_server_error_and_documented_answers(http):
         r = http.post("/v1/chat/completions", json=body, headers=AUTH)
         seen[r.status_code] += 1
         check_answer(r, documented, ChatCompletion)
+        if r.status_code >= 400:
+            codes[r.json()["error"]["code"]] += 1
 
     one()
-    print("statuses:", dict(seen))
+    print("statuses:", dict(seen), "codes:", dict(codes))
     # The budget reached generation often, and several kinds of refusal besides.
-    assert seen[200] >= 10 and len(seen) >= 4, seen
+    assert seen[200] >= 10 and len(codes) >= 5, (seen, codes)
     assert http.get("/healthz").status_code == 200

@@ -7,6 +7,7 @@ everything else reuses that folder. No mocks: every model here is really built a
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -20,10 +21,13 @@ from selfmoa_ray.sources.models import (
     ModelSourceError,
     PackagedModel,
     ResolvedModel,
+    check_model,
+    hub_snapshot,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
     packaged_gguf,
+    prepare_model,
     resolve_model,
 )
 
@@ -159,6 +163,80 @@ def test_hub_id_passes_through_and_fails_clearly_offline(monkeypatch):
         load_tokenizer(resolved)
 
 
+# --------------------------------------------------------------------------- checks, the hub cache
+
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _cache_hub_model(hub_cache: Path, repo_id: str, files: Path) -> Path:
+    """Lay ``files`` out as huggingface_hub caches a download of ``repo_id`` (refs/main naming
+    a snapshot folder); returns the snapshot folder."""
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_REVISION
+    shutil.copytree(files, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_REVISION)
+    return snapshot
+
+
+def test_hub_snapshot_finds_a_cached_model_that_transformers_loads(tmp_path):
+    from transformers import AutoConfig
+
+    tiny = Path(resolve_model("tiny-random").path)
+    snapshot = _cache_hub_model(tmp_path, "selfmoa-test/tiny", tiny)
+    assert hub_snapshot("selfmoa-test/tiny", cache_dir=tmp_path) == snapshot
+    config = AutoConfig.from_pretrained(
+        "selfmoa-test/tiny", cache_dir=tmp_path, local_files_only=True
+    )
+    assert config.hidden_size == 64  # the layout is one transformers reads, offline
+
+
+def test_hub_snapshot_names_the_command_that_fetches_it(tmp_path):
+    where = tmp_path / "models--selfmoa-test--absent"
+    with pytest.raises(ModelSourceError, match="`hf download selfmoa-test/absent`") as err:
+        hub_snapshot("selfmoa-test/absent", cache_dir=tmp_path)
+    assert f"(into {where})" in str(err.value)
+    with pytest.raises(ModelSourceError, match="nor a valid Hugging Face model id"):
+        hub_snapshot("not a model id", cache_dir=tmp_path)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "README.md").write_text("no config")
+    _cache_hub_model(tmp_path, "selfmoa-test/partial", tmp_path / "files")
+    with pytest.raises(ModelSourceError, match="without a config.json"):
+        hub_snapshot("selfmoa-test/partial", cache_dir=tmp_path)
+
+
+def test_check_model_builds_and_loads_nothing(tmp_path, monkeypatch):
+    """In an empty cache: tiny-random and the packaged model are only located, not built."""
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    models = tmp_path / "cache" / "models"
+    assert check_model("tiny-random:seed=7") == str(models / "tiny-random-seed7")
+    assert check_model(SMOLLM2) == str(models / "smollm2-135m-instruct")
+    assert not models.exists() or not any(models.iterdir())
+    with pytest.raises(ValueError, match="tiny-random:seed=N"):
+        check_model("tiny-random:seed=x")
+    with pytest.raises(ValueError, match="known: packaged:smollm2-135m-instruct"):
+        check_model("packaged:gpt-17")
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        check_model(str(tmp_path / "missing"))
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        check_model(str(tmp_path))
+
+
+def test_check_model_needs_a_hub_id_cached_unless_workers_may_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="`hf download selfmoa-test/no-such-model`"):
+        check_model("selfmoa-test/no-such-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # passed on to the Ray workers: they download it
+    assert check_model("selfmoa-test/no-such-model") == "selfmoa-test/no-such-model"
+
+
+def test_prepare_model_gives_a_folder_or_fails(tmp_path):
+    tiny = resolve_model("tiny-random").path
+    assert prepare_model("tiny-random") == tiny and prepare_model(tiny) == tiny
+    with pytest.raises(ModelSourceError, match="hf download selfmoa-test/no-such-model"):
+        prepare_model("selfmoa-test/no-such-model")
+
+
 def test_trust_remote_code_defaults_false():
     assert ResolvedModel(spec="x", path="x").trust_remote_code is False
     assert resolve_model("tiny-random").trust_remote_code is False
@@ -217,3 +295,17 @@ def test_converted_logits_equal_gguf_logits():
         want, got = reference(ids).logits, model(ids).logits
     print(f"max |logit difference| = {(want - got).abs().max().item()}")
     assert torch.equal(want, got)
+
+
+def test_a_folder_needs_weights_and_a_tokenizer_by_name(tmp_path):
+    """The pre-flight's check reads file names only: config.json alone is not a model."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelSourceError, match=r"lacks weights .* and a tokenizer"):
+        check_model(str(folder))
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelSourceError, match=r"lacks a tokenizer"):
+        check_model(str(folder))
+    (folder / "tokenizer.json").write_text("{}")
+    assert check_model(str(folder)) == str(folder.resolve())

@@ -1,5 +1,5 @@
 """The PT-ALIGN filter: joining, each drop reason on crafted scores, and the stage on the tiny
-preset, whose refusal-matcher judge we steer with crafted answers (design.md 2.2 step 4)."""
+preset, whose refusal-matcher judge we steer with crafted answers (docs/design.md 2.2 step 4)."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -1,5 +1,5 @@
 """Harmful-span marking: quotes and diffs on crafted text, down to the token marks the trainer
-uses, and the triples / mark_pairs stages on real files (design.md 2.2 step 4)."""
+uses, and the triples / mark_pairs stages on real files (docs/design.md 2.2 step 4)."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -1,4 +1,4 @@
-"""PT-ALIGN (design.md 2.2 step 5): MLE on the harmless positive answer plus ``alpha`` times
+"""PT-ALIGN (docs/design.md 2.2 step 5): MLE on the harmless positive answer plus ``alpha`` times
 token-level unlikelihood, -log(1 - p), on the marked harmful tokens of the toxic answer. No
 reference model."""
 
