@@ -92,3 +92,19 @@ def check_answer(
         assert not any("error" in json.loads(e) for e in events[:-1]), text[:500]
         return
     answer_model.model_validate(response.json())
+
+
+def no_trace(text: str) -> bool:
+    """No Python traceback, file or module path leaked into an answer."""
+    return "Traceback" not in text and 'File "' not in text and ".py" not in text
+
+
+def openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The error of ``r``: OpenAI's shape exactly, with ``status``, its type and ``code``."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(r.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert code is None or error["code"] == code, error
+    assert no_trace(r.text)
+    return error

@@ -29,7 +29,16 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from serve_fuzz import JSON, bodies, check_answer, documented_statuses, fuzz_settings, mostly
+from serve_fuzz import (
+    JSON,
+    bodies,
+    check_answer,
+    documented_statuses,
+    fuzz_settings,
+    mostly,
+    no_trace,
+    openai_error,
+)
 
 from selfmoa_ray.config import ConfigError
 from serve_apps.auth import APIKeyAuth, AuthConfigError, load_api_keys
@@ -52,21 +61,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_ITEMS = 8
 MAX_BODY = 64 * 1024
 MAX_CHARS = 2000
-
-
-def _no_trace(text: str) -> bool:
-    return "Traceback" not in text and 'File "' not in text and ".py" not in text
-
-
-def _openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    """The error of ``r``: OpenAI's shape exactly, with ``status``, its type and ``code``."""
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(r.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    assert code is None or error["code"] == code, error
-    assert _no_trace(r.text)
-    return error
 
 
 def _deployment(**options):
@@ -202,26 +196,26 @@ def test_auth_and_limits_on_a_plain_fastapi_app():
 
     c = TestClient(app, raise_server_exceptions=False)
     r = c.post("/echo", json={"a": 1})
-    _openai_error(r, 401, "missing_api_key")
+    openai_error(r, 401, "missing_api_key")
     assert r.headers["www-authenticate"].startswith("Bearer")
     r = c.post("/echo", json={"a": 1}, headers={"X-API-Key": "wrong" * 5})
-    _openai_error(r, 401, "invalid_api_key")
+    openai_error(r, 401, "invalid_api_key")
     assert c.post("/echo", json={"a": 1}, headers={"X-API-Key": KEY}).json() == {"a": 1}
     assert c.post("/echo", json={"a": 1}, headers=AUTH).json() == {"a": 1}
 
     r = c.get("/boom")
-    _openai_error(r, 500)
+    openai_error(r, 500)
     assert r.json()["error"]["code"] is None and "secret" not in r.text
 
-    _openai_error(c.get("/slow"), 504, "timeout")
+    openai_error(c.get("/slow"), 504, "timeout")
     # No such route, or method: OpenAI's "Invalid URL" (a client's wrong base_url shows).
-    error = _openai_error(c.post("/v1/chat/completions", headers=AUTH), 404)
+    error = openai_error(c.post("/v1/chat/completions", headers=AUTH), 404)
     assert error["message"] == "Invalid URL (POST /v1/chat/completions)."
-    _openai_error(c.get("/echo", headers=AUTH), 405)
+    openai_error(c.get("/echo", headers=AUTH), 405)
 
     big = json.dumps({"a": "x" * 2000}).encode()
     r = c.post("/echo", content=big, headers={**AUTH, "content-type": "application/json"})
-    assert "1024 bytes" in _openai_error(r, 413, "request_too_large")["message"]
+    assert "1024 bytes" in openai_error(r, 413, "request_too_large")["message"]
 
     def chunks():  # no Content-Length: the body is counted as it streams in
         yield b'{"a": "'
@@ -230,7 +224,7 @@ def test_auth_and_limits_on_a_plain_fastapi_app():
         yield b'"}'
 
     r = c.post("/echo", content=chunks(), headers={**AUTH, "content-type": "application/json"})
-    _openai_error(r, 413, "request_too_large")
+    openai_error(r, 413, "request_too_large")
 
 
 def test_batches_that_queue_behind_a_busy_judge_are_merged():
@@ -382,7 +376,7 @@ def test_moderate_one_response_or_one_prompt(client):
     assert result["safety"] is None and result["refusal"] is None and result["helpfulness"] is None
 
     r = client.post("/ev/v1/moderate", json={}, headers=AUTH)
-    assert "prompt, a response" in _openai_error(r, 400, "invalid_value")["message"]
+    assert "prompt, a response" in openai_error(r, 400, "invalid_value")["message"]
 
 
 def test_missing_or_wrong_key_is_401(client):
@@ -394,7 +388,7 @@ def test_missing_or_wrong_key_is_401(client):
         ({"X-API-Key": KEY + "x"}, "invalid_api_key"),
     ):
         r = client.post("/ev/v1/evaluate", json=body, headers=headers)
-        _openai_error(r, 401, code)
+        openai_error(r, 401, code)
         assert r.headers["www-authenticate"].startswith("Bearer")
         assert KEY not in r.text
     for path in ("/ev/v1/moderate", "/ev/v1/stats"):
@@ -409,17 +403,17 @@ def test_missing_or_wrong_key_is_401(client):
 def test_over_a_limit_is_400_and_a_body_over_the_cap_413(client):
     item = {"prompt": "p", "response": "r"}
     r = client.post("/ev/v1/evaluate", json={"items": [item] * (MAX_ITEMS + 1)}, headers=AUTH)
-    error = _openai_error(r, 400, "array_above_max_length")
+    error = openai_error(r, 400, "array_above_max_length")
     assert error["param"] == "items" and str(MAX_ITEMS) in error["message"]
 
     long_item = {"prompt": "p", "response": "x" * (MAX_CHARS + 1)}
     r = client.post("/ev/v1/evaluate", json={"items": [long_item]}, headers=AUTH)
-    error = _openai_error(r, 400, "string_above_max_length")
+    error = openai_error(r, 400, "string_above_max_length")
     assert error["param"] == "items[0].response" and str(MAX_CHARS) in error["message"]
 
     big = json.dumps({"items": [{"prompt": "p", "response": "x" * MAX_BODY}]})
     r = client.post("/ev/v1/evaluate", content=big, headers={**AUTH, "content-type": "application/json"})  # fmt: skip
-    assert str(MAX_BODY) in _openai_error(r, 413, "request_too_large")["message"]
+    assert str(MAX_BODY) in openai_error(r, 413, "request_too_large")["message"]
 
     def chunks():  # chunked upload, no Content-Length
         yield b'{"items": [{"prompt": "p", "response": "'
@@ -429,7 +423,7 @@ def test_over_a_limit_is_400_and_a_body_over_the_cap_413(client):
 
     headers = {**AUTH, "content-type": "application/json"}
     r = client.post("/ev/v1/evaluate", content=chunks(), headers=headers)
-    _openai_error(r, 413, "request_too_large")
+    openai_error(r, 413, "request_too_large")
 
 
 @pytest.mark.parametrize(
@@ -454,7 +448,7 @@ def test_malformed_is_400_in_openais_shape(client, content, param, code):
     in ``param``, the cause in ``code``, and never the request's values."""
     headers = {**AUTH, "content-type": "application/json"}
     r = client.post("/ev/v1/evaluate", content=content, headers=headers)
-    error = _openai_error(r, 400, code)
+    error = openai_error(r, 400, code)
     assert error["param"] == param, error
     assert '"p"' not in error["message"] and "'p'" not in error["message"]
 
@@ -464,7 +458,7 @@ def test_undecodable_body_is_a_documented_400(client, route):
     """Schemathesis found this: a body that is not UTF-8 got a 400 the schema did not list."""
     headers = {**AUTH, "content-type": "application/json"}
     r = client.post(f"/ev{route}", content=b"?\xff@\xfe\xfd", headers=headers)
-    _openai_error(r, 400)
+    openai_error(r, 400)
     spec = client.get("/ev/openapi.json").json()
     assert "400" in spec["paths"][route]["post"]["responses"]
 
@@ -516,7 +510,7 @@ def test_batching_off_scores_requests_alone_and_slow_ones_time_out(client):
     assert set(codes) <= {200, 504} and codes[504] >= 2, codes
     for r in responses:
         if r.status_code == 504:
-            _openai_error(r, 504, "timeout")
+            openai_error(r, 504, "timeout")
     assert time.monotonic() - t0 < 10
     stats = _stats(client, "/serial")
     assert stats["batching"] is False and stats["max_batch_requests"] <= 1, stats
@@ -690,7 +684,7 @@ def test_burst_is_shed_with_503_and_the_app_stays_healthy(client):
     assert codes[503] >= 10 and codes[200] >= 2, codes
     assert set(codes) <= {200, 503}, codes
     shed = [r for r in responses if r.status_code == 503]
-    assert all(_no_trace(r.text) for r in shed)
+    assert all(no_trace(r.text) for r in shed)
     # Retry-After from the deployment's backpressure_config (EvaluatorDeployment's default).
     assert {r.headers.get("retry-after") for r in shed} == {"1"}
     assert elapsed < 20  # shed at once, not queued without bound
@@ -720,7 +714,7 @@ def test_killed_replica_is_replaced(client):
     in_flight = asyncio.run(kill_under_load())
     for r in in_flight:  # failed or served, never a stack trace
         if isinstance(r, httpx.Response):
-            assert _no_trace(r.text), r.text
+            assert no_trace(r.text), r.text
 
     deadline = time.monotonic() + 60
     while True:

@@ -16,7 +16,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from serve_fuzz import JSON, bodies, check_answer, documented_statuses, fuzz_settings, mostly
+from serve_fuzz import (
+    JSON,
+    bodies,
+    check_answer,
+    documented_statuses,
+    fuzz_settings,
+    mostly,
+    no_trace,
+    openai_error,
+)
 
 from serve_apps.policy import (
     MAX_STOP_CHARS,
@@ -39,21 +48,6 @@ MAX_BODY = 16 * 1024
 MAX_CHARS = 2000
 MAX_MESSAGES = 8
 HELLO = [{"role": "user", "content": "Say hello."}]
-
-
-def _no_trace(text: str) -> bool:
-    return "Traceback" not in text and 'File "' not in text and ".py" not in text
-
-
-def _openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    """The error of ``r``: OpenAI's shape exactly, with ``status``, its type and ``code``."""
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(r.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    assert code is None or error["code"] == code, error
-    assert _no_trace(r.text)
-    return error
 
 
 def _run_folder(root: Path, policy: Path | None) -> Path:
@@ -359,11 +353,11 @@ def test_missing_or_wrong_key_is_401(base_url):
         # As the OpenAI API answers a bad key: 401, invalid_request_error, invalid_api_key.
         assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
         assert err.value.type == "invalid_request_error" and KEY not in str(err.value.body)
-        assert _no_trace(json.dumps(err.value.body))
+        assert no_trace(json.dumps(err.value.body))
     r = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO})
-    _openai_error(r, 401, "missing_api_key")
+    openai_error(r, 401, "missing_api_key")
     r = httpx.get(f"{base_url}/v1/models", headers={"X-API-Key": "wrong-key-0123456789abcdef"})
-    _openai_error(r, 401, "invalid_api_key")
+    openai_error(r, 401, "invalid_api_key")
     assert httpx.get(f"{base_url}/v1/models").status_code == 401
 
 
@@ -372,10 +366,10 @@ def test_unknown_model_is_404(client):
         client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
     assert err.value.code == "model_not_found" and SERVED in err.value.message
     assert err.value.param == "model" and err.value.type == "invalid_request_error"
-    assert _no_trace(json.dumps(err.value.body))
+    assert no_trace(json.dumps(err.value.body))
     # A client pointed at the wrong base_url (no /v1) hears which URL it asked for.
     r = httpx.post(client.base_url.join("/policy/chat/completions"), json={}, headers=AUTH)
-    assert _openai_error(r, 404)["message"] == "Invalid URL (POST /policy/chat/completions)."
+    assert openai_error(r, 404)["message"] == "Invalid URL (POST /policy/chat/completions)."
 
 
 def test_a_long_model_name_is_not_echoed_back(http):
@@ -407,7 +401,7 @@ def test_stop_sequences_are_bounded(base_url, http):
             r = http.post("/v1/chat/completions", json=body, headers=AUTH)
             assert r.status_code in (400, 413), (stop, r.text)
             if r.status_code == 400:
-                assert _openai_error(r, 400)["param"].startswith("stop"), r.text
+                assert openai_error(r, 400)["param"].startswith("stop"), r.text
             assert time.perf_counter() - started < 5  # refused, not generated
     body = {"messages": HELLO, "max_tokens": 8, "stop": ["y" * MAX_STOP_CHARS] * 4, "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
@@ -419,11 +413,11 @@ def test_types_are_strict(http):
     for extra in ({"max_tokens": "4"}, {"max_tokens": True}, {"n": 1.5}, {"stream": 1},
                   {"temperature": "0.5"}, {"seed": "7"}):  # fmt: skip
         r = http.post("/v1/chat/completions", json={"messages": HELLO, **extra}, headers=AUTH)
-        error = _openai_error(r, 400, "invalid_type")
+        error = openai_error(r, 400, "invalid_type")
         assert error["param"] == next(iter(extra)), error
     # 1e300 is an integer to JSON Schema (as 4.0 is 4, below), just far over the limit.
     r = http.post("/v1/chat/completions", json={"messages": HELLO, "n": 1e300}, headers=AUTH)
-    assert _openai_error(r, 400, "integer_above_max_value")["param"] == "n"
+    assert openai_error(r, 400, "integer_above_max_value")["param"] == "n"
     body = {"messages": HELLO, "max_tokens": 2, "temperature": 1}  # an integer is a number
     assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
     # JSON Schema's integer admits 2.0 (schemathesis sent n: 4.0 as schema-valid): so do we.
@@ -482,7 +476,7 @@ def test_malformed_is_400_in_openais_shape(client, http, content, param, code):
     OpenAI client raises BadRequestError for it."""
     headers = {**AUTH, "content-type": "application/json"}
     r = http.post("/v1/chat/completions", content=content, headers=headers)
-    error = _openai_error(r, 400, code)
+    error = openai_error(r, 400, code)
     assert error["param"] == param, error
     assert "ZQX" not in error["message"]  # the request's values are not echoed
     if code is not None:  # what the OpenAI client makes of it (it only sends valid JSON)
@@ -504,13 +498,13 @@ def test_the_seed_bound_is_exact_in_json_numbers(http):
     r = http.post("/v1/chat/completions", json={**body, "seed": limit - 1}, headers=AUTH)
     assert r.status_code == 200, r.text
     r = http.post("/v1/chat/completions", json={**body, "seed": limit}, headers=AUTH)
-    assert _openai_error(r, 400, "integer_above_max_value")["param"] == "seed"
+    assert openai_error(r, 400, "integer_above_max_value")["param"] == "seed"
 
 
 def test_undecodable_body_is_a_documented_400(http):
     headers = {**AUTH, "content-type": "application/json"}
     r = http.post("/v1/chat/completions", content=b"?\xff@\xfe\xfd", headers=headers)
-    _openai_error(r, 400)
+    openai_error(r, 400)
     route = http.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
     assert "not UTF-8" in route["responses"]["400"]["description"]
 
@@ -523,21 +517,21 @@ def test_the_schema_says_streams_carry_one_choice(http):
     assert request["then"]["properties"]["n"] == {"const": 1}
     body = {"messages": HELLO, "n": 2, "stream": True}
     r = http.post("/v1/chat/completions", json=body, headers=AUTH)
-    assert _openai_error(r, 400, "unsupported_value")["param"] == "n"
+    assert openai_error(r, 400, "unsupported_value")["param"] == "n"
 
 
 def test_over_a_limit_is_400_and_a_body_over_the_cap_413(http):
     long = {"messages": [{"role": "user", "content": "x" * (MAX_CHARS + 1)}]}
     r = http.post("/v1/chat/completions", json=long, headers=AUTH)
-    error = _openai_error(r, 400, "string_above_max_length")
+    error = openai_error(r, 400, "string_above_max_length")
     assert error["param"] == "messages[0].content" and str(MAX_CHARS) in error["message"]
     many = {"messages": HELLO * (MAX_MESSAGES + 1)}
     r = http.post("/v1/chat/completions", json=many, headers=AUTH)
-    assert _openai_error(r, 400, "array_above_max_length")["param"] == "messages"
+    assert openai_error(r, 400, "array_above_max_length")["param"] == "messages"
     big = json.dumps({"messages": [{"role": "user", "content": "x" * MAX_BODY}]})
     headers = {**AUTH, "content-type": "application/json"}
     r = http.post("/v1/chat/completions", content=big, headers=headers)
-    assert str(MAX_BODY) in _openai_error(r, 413, "request_too_large")["message"]
+    assert str(MAX_BODY) in openai_error(r, 413, "request_too_large")["message"]
 
 
 def test_unsupported_requests_are_400(http):
@@ -550,7 +544,7 @@ def test_unsupported_requests_are_400(http):
     ]  # fmt: skip
     for extra, param, what in cases:
         r = http.post("/v1/chat/completions", json={"messages": HELLO, **extra}, headers=AUTH)
-        assert _openai_error(r, 400, f"unsupported_{what}")["param"] == param, (extra, r.text)
+        assert openai_error(r, 400, f"unsupported_{what}")["param"] == param, (extra, r.text)
     # Fields that change nothing here are tolerated, as OpenAI clients send them.
     body = {"messages": HELLO, "max_tokens": 2, "user": "u1", "store": False, "presence_penalty": 0}
     assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
@@ -561,7 +555,7 @@ def test_prompt_over_the_context_is_400(http):
     words = " ".join(["hello"] * 316)
     body = {"messages": [{"role": "user", "content": words}] * MAX_MESSAGES, "max_tokens": 4}
     r = http.post("/v1/chat/completions", json=body, headers=AUTH)
-    assert "2048" in _openai_error(r, 400, "context_length_exceeded")["message"]
+    assert "2048" in openai_error(r, 400, "context_length_exceeded")["message"]
 
 
 def test_openapi_docs(http):
